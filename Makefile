@@ -1,0 +1,43 @@
+# Each target makes the environment it needs when it is missing: `make demo` and `make test` work on a
+# fresh clone. The dev/test environment is .venv (torch pinned to the local CPU wheel 2.13.0).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.graphopt-installed
+MODELS := models/build/.built
+PYTEST_WORKERS ?= 2
+
+.PHONY: all venv models demo test bench clean
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+models: $(MODELS)
+
+$(MODELS): models/build.py $(STAMP)
+	$(PY) models/build.py --out models/build
+	touch $@
+
+demo: $(MODELS)
+	mkdir -p out
+	$(VENV)/bin/graphopt run models/build/digits_cnn.onnx --passes cleanup \
+	  --data models/build/digits_cnn_calib.npz --eval-data models/build/digits_cnn_test.npz \
+	  --max-accuracy-drop 0.5 --latency-batch 1,8 \
+	  -o out/digits_cnn.opt.onnx --report out/digits_cnn.report.json --html out/digits_cnn.report.html
+
+test: $(MODELS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+bench: $(MODELS)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf out models/build .pytest_cache

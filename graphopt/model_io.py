@@ -1,0 +1,158 @@
+"""Loading and saving models: the only place that touches model files.
+
+Loading turns every way a file can be wrong (missing, not ONNX, truncated, external data missing or
+pointing outside the model's folder) into a ``UserError`` that says what was expected. Saving writes to a
+temporary folder beside the target and renames, so an existing output is only ever replaced by a complete
+new file. Large weights stay lazy: onnx_ir memory-maps external data and only reads what a pass touches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from graphopt.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+#: Protobuf cannot serialize a message over 2 GiB; above this many weight bytes we write external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    found = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                found.append(value.const_value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                found.append(attr.value)
+    return found
+
+
+def check_external_data(model: ir.Model, base_dir: Path) -> None:
+    """Refuse external data that is missing, too short, or resolves outside the model's folder."""
+    root = base_dir.resolve()
+    for tensor in _external_tensors(model):
+        location = str(tensor.location)
+        target = (root / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(root):
+            raise UserError(
+                f"external data of tensor '{tensor.name}' points outside the model's folder "
+                f"({location!r}); external data must be a relative path inside {root}"
+            )
+        if not target.is_file():
+            raise UserError(
+                f"external data file {location!r} of tensor '{tensor.name}' is missing "
+                f"(expected it next to the model in {root})"
+            )
+        size = target.stat().st_size
+        offset = tensor.offset or 0
+        length = tensor.length if tensor.length is not None else tensor.nbytes
+        if offset + length > size:
+            raise UserError(
+                f"external data file {location!r} is too short for tensor '{tensor.name}' "
+                f"(needs bytes {offset}..{offset + length}, file has {size})"
+            )
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file into onnx_ir, keeping external tensors lazy (memory-mapped on first use)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"model path is not a file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise UserError(f"{path} is not a readable ONNX model (protobuf parse failed: {exc}); "
+                        "is the file truncated or of another format?") from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise UserError(f"{path} is not an ONNX model (no graph, IR version or opset imports found)")
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # a malformed graph fails in many ways inside the deserializer
+        raise UserError(f"{path} is not a valid ONNX model: {type(exc).__name__}: {exc}") from None
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    check_external_data(model, path.parent)
+    return model
+
+
+def weight_bytes(model: ir.Model) -> int:
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically; returns the path.
+
+    ``external_data=None`` chooses: external data (``PATH.data`` beside the model) when the model already
+    had external tensors or its weights would not fit in one protobuf, inline otherwise.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    has_external = bool(_external_tensors(model))
+    if external_data is None:
+        external_data = has_external or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    elif not external_data and weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        logger.warning("weights exceed 2 GB; writing external data despite external_data=False")
+        external_data = True
+    data_name = path.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+        else:
+            if has_external:
+                # Inline what was lazy, or the saved file would point at the input's data file.
+                ir.external_data.load_to_model(model)
+            ir.save(model, tmp_model)
+        if external_data:
+            os.replace(tmp_dir / data_name, parent / data_name)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def model_to_bytes(model: ir.Model) -> bytes:
+    """Serialize a (small) model for an in-memory ONNX Runtime session."""
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+def model_file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model, its external data files included."""
+    path = Path(path)
+    total = path.stat().st_size
+    seen: set[Path] = set()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            info = onnx.external_data_helper.ExternalDataInfo(tensor)
+            data = (path.parent / info.location).resolve()
+            if data not in seen and data.is_file():
+                seen.add(data)
+                total += data.stat().st_size
+    return total

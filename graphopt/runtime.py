@@ -1,0 +1,214 @@
+"""ONNX Runtime sessions: the one factory that knows execution providers and session options.
+
+Validation, latency, calibration and profiling all make their sessions here, so provider names,
+options and IO binding behave the same everywhere. A requested provider that this onnxruntime build does
+not have is an error listing the ones it has; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphopt.errors import UserError
+from graphopt.model_io import EXTERNAL_DATA_THRESHOLD, model_to_bytes, save_model, weight_bytes
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+}
+
+
+def short_name(provider: str) -> str:
+    for alias, full in PROVIDER_ALIASES.items():
+        if full == provider:
+            return alias
+    return provider
+
+
+def resolve_providers(names: Sequence[str] | str) -> list[str]:
+    """Map ``cpu,cuda`` (or full names) to ORT provider names; refuse ones this build lacks."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    available = ort.get_available_providers()
+    resolved = []
+    for raw in names:
+        name = raw.strip()
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            shown = ", ".join(f"{short_name(p)} ({p})" if short_name(p) != p else p for p in available)
+            raise UserError(f"execution provider '{name}' is not available in this onnxruntime build; "
+                            f"available: {shown}")
+        if full not in resolved:
+            resolved.append(full)
+    if not resolved:
+        raise UserError("no execution provider given; use e.g. --providers cpu")
+    return resolved
+
+
+@dataclasses.dataclass
+class SessionSettings:
+    """Session options and per-provider options (what ``tune`` searches and ``MODEL.ort.json`` stores)."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"  # disable | basic | extended | layout | all
+    execution_mode: str = "sequential"  # sequential | parallel
+    enable_mem_pattern: bool = True
+    enable_cpu_mem_arena: bool = True
+    provider_options: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    optimized_model_path: str | None = None
+
+    def session_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if hasattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT"):
+            levels["layout"] = ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT
+        so.graph_optimization_level = levels[self.graph_optimization_level]
+        so.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if self.execution_mode == "parallel"
+                             else ort.ExecutionMode.ORT_SEQUENTIAL)
+        so.enable_mem_pattern = self.enable_mem_pattern
+        so.enable_cpu_mem_arena = self.enable_cpu_mem_arena
+        so.log_severity_level = 3
+        if self.optimized_model_path:
+            so.optimized_model_filepath = self.optimized_model_path
+        return so
+
+
+class SessionFactory:
+    """Makes ORT sessions for a model (path or in-memory onnx_ir model) on a given provider."""
+
+    def __init__(self, settings: SessionSettings | None = None, work_dir: Path | None = None) -> None:
+        self.settings = settings or SessionSettings()
+        self.work_dir = work_dir
+
+    def session(self, model: ir.Model | str | os.PathLike, provider: str = "CPUExecutionProvider",
+                settings: SessionSettings | None = None) -> ort.InferenceSession:
+        settings = settings or self.settings
+        providers: list[Any] = [(provider, settings.provider_options.get(provider, {}))]
+        if provider != "CPUExecutionProvider":
+            providers.append("CPUExecutionProvider")  # ORT's normal per-node placement for unsupported ops
+        if isinstance(model, ir.Model):
+            if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD // 2:
+                if self.work_dir is None:
+                    raise ValueError("a work_dir is needed to run large in-memory models")
+                path = self.work_dir / f"session-{id(model)}.onnx"
+                save_model(model, path, external_data=True)
+                source: Any = str(path)
+            else:
+                source = model_to_bytes(model)
+        else:
+            source = str(model)
+        try:
+            sess = ort.InferenceSession(source, settings.session_options(), providers=providers)
+        except Exception as exc:
+            raise UserError(f"onnxruntime cannot load the model on {short_name(provider)}: "
+                            f"{str(exc).splitlines()[0]}") from None
+        if sess.get_providers()[0] != provider:
+            raise UserError(f"onnxruntime did not enable {provider} (got {sess.get_providers()})")
+        return sess
+
+
+class Runner:
+    """Runs one session; on CUDA it binds inputs/outputs so timing measures the device, not copies."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.provider = session.get_providers()[0]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else None
+        self._binding: Any = None
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if self.device is None:
+            return self.session.run(self.output_names, dict(inputs))
+        binding = self.session.io_binding()
+        for name, arr in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def bind(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Prepare repeated timed runs on fixed inputs (device-resident on CUDA)."""
+        self._inputs = dict(inputs)
+        if self.device is None:
+            return
+        binding = self.session.io_binding()
+        self._device_values = []
+        for name, arr in inputs.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device, 0)
+            self._device_values.append(value)
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self._binding = binding
+
+    def run_bound(self) -> float:
+        """One timed run on the bound inputs; returns seconds."""
+        if self._binding is None:
+            t0 = time.perf_counter()
+            self.session.run(self.output_names, self._inputs)
+            return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(self._binding)
+        self._binding.synchronize_outputs()
+        return time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class Timing:
+    p50_ms: float
+    p90_ms: float
+    runs: int
+
+    @classmethod
+    def from_seconds(cls, samples: Sequence[float]) -> Timing:
+        ms = np.asarray(samples) * 1000.0
+        return cls(float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), len(samples))
+
+
+def time_interleaved(runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], *, warmup: int = 5,
+                     repeat: int = 50, budget_s: float = 20.0) -> list[Timing]:
+    """Time several sessions on the same inputs, alternating run by run so machine noise hits all alike.
+
+    Stops early (keeping at least 10 runs each) when ``budget_s`` is spent.
+    """
+    for r in runners:
+        r.bind(inputs)
+        for _ in range(warmup):
+            r.run_bound()
+    samples: list[list[float]] = [[] for _ in runners]
+    start = time.perf_counter()
+    for i in range(repeat):
+        order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
+        for j in order:
+            samples[j].append(runners[j].run_bound())
+        if i >= 9 and time.perf_counter() - start > budget_s:
+            break
+    return [Timing.from_seconds(s) for s in samples]
