@@ -193,6 +193,7 @@ def optimize(model: Any, passes: Sequence[str] = ("cleanup",), options: Mapping[
             report.data.update(passed=False, exit_code=GateFailed.exit_code, message=str(exc))
             raise
         report.data["passes"] = [r.to_dict() for r in records]
+        pass_failures = [f"pass '{r.name}': {r.failure}" for r in records if r.failure]
         stage = _Stage(out_path, wd)
         try:
             save_model(ir_model, stage.path)
@@ -201,7 +202,11 @@ def optimize(model: Any, passes: Sequence[str] = ("cleanup",), options: Mapping[
                                providers=resolved, latency_batches=latency_batches, batch_size=batch_size,
                                eval_samples=eval_samples, max_accuracy_drop=max_accuracy_drop,
                                max_latency_ratio=max_latency_ratio, progress=progress, measure_speed=measure_speed)
-            written = out_path is not None and (report.passed or keep_failed)
+            if pass_failures:  # the pass saved its best effort; it is written, but the run fails
+                report.data.update(passed=False, exit_code=GateFailed.exit_code,
+                                   message="; ".join(filter(None, [report.data.get("message"), *pass_failures])))
+            gates_ok = all(g["passed"] for g in report.data["gates"])
+            written = out_path is not None and (gates_ok or keep_failed)
             report.data["output"] = {"path": str(out_path) if out_path else None, "written": written}
             if written:
                 stage.commit()

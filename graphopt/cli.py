@@ -343,6 +343,20 @@ def bench(
         console.print(t)
 
 
+def _register_commands() -> None:
+    import importlib
+    import pkgutil
+
+    import graphopt.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"graphopt.commands.{info.name}")
+        module.register(app)
+
+
+_register_commands()
+
+
 def version_callback(value: bool) -> None:
     if value:
         console.print(f"graphopt {__version__}")

@@ -38,11 +38,12 @@ class PassRecord:
     after: ModelStats
     details: dict[str, Any]
     check: dict[str, Any] | None = None
+    failure: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options, "seconds": self.seconds,
                 "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "details": self.details, "check": self.check}
+                "details": self.details, "check": self.check, "failure": self.failure}
 
 
 def check_model(model: ir.Model) -> None:
@@ -103,7 +104,8 @@ class Pipeline:
             check = None
             if before_path is not None:
                 check = self._check(p, before_path, model)
-            records.append(PassRecord(p.name, to_dict(p.options), seconds, stats, after, p.details, check))
+            records.append(PassRecord(p.name, to_dict(p.options), seconds, stats, after, p.details, check,
+                                      p.failure))
             stats = after
         return model, records
 

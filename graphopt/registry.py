@@ -60,6 +60,9 @@ class GraphPass(ir.passes.InPlacePass):
         self.options = options if options is not None else self.Options()
         self.context = context if context is not None else PassContext()
         self.details: dict[str, Any] = {}
+        #: Set by a pass that produced its best model but missed its own target (e.g. quant's target_drop):
+        #: the model is still written and the run exits 1 with this message.
+        self.failure: str | None = None
 
 
 _REGISTRY: dict[str, type[GraphPass]] = {}

@@ -1,0 +1,49 @@
+"""Shared test fixtures: the reference models (built by `make models`), a CLI runner and ORT helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models" / "build"
+REFERENCE_MODELS = ["digits_mlp", "digits_cnn", "resnet_small", "transformer_small"]
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    if not (MODELS / "digits_cnn.onnx").is_file():
+        pytest.fail("reference models are missing: run `make models` (make test does it)")
+    return MODELS
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `graphopt ARGS...` as a subprocess, the way a user or a pipeline does."""
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "graphopt.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def ort_outputs(model: Path | str | bytes, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)
+
+
+def load_npz(path: Path, n: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    with np.load(path) as z:
+        labels = z["labels"][:n] if "labels" in z.files else None
+        return {k: z[k][:n] for k in z.files if k != "labels"}, labels
