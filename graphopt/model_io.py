@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import onnx
 import onnx_ir as ir
@@ -21,6 +23,7 @@ from google.protobuf.message import DecodeError
 from graphopt.errors import UserError
 
 logger = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 #: Protobuf cannot serialize a message over 2 GiB; above this many weight bytes we write external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -156,3 +159,40 @@ def model_file_size(path: str | os.PathLike) -> int:
                 seen.add(data)
                 total += data.stat().st_size
     return total
+
+
+def call_on_skeleton(func: Callable[[onnx.ModelProto], _R], model: ir.Model, keep_bytes: int = 1024) -> _R:
+    """Call an onnx C API (checker, shape inference) on the model without copying its weights.
+
+    Initializers larger than ``keep_bytes`` become typed graph inputs for the call; small ones (shape
+    constants that shape inference needs) are passed by value, read from external data if need be. The
+    model is restored afterwards whatever happens.
+    """
+    graph = model.graph
+    saved_inputs = list(graph.inputs)
+    saved_inits = list(graph.initializers.values())
+    saved_values = {id(v): v.const_value for v in saved_inits}
+    try:
+        for value in saved_inits:
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            if value.shape is None:
+                value.shape = tensor.shape
+            if value.dtype is None:
+                value.dtype = tensor.dtype
+            if tensor.nbytes > keep_bytes:
+                graph.initializers.pop(value.name)  # type: ignore[arg-type]
+                if value not in graph.inputs:
+                    graph.inputs.append(value)
+            elif isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.tensor(tensor.numpy(), name=value.name)
+        proto = ir.serde.serialize_model(model)
+    finally:
+        graph.inputs.clear()
+        graph.inputs.extend(saved_inputs)
+        for value in saved_inits:
+            value.const_value = saved_values[id(value)]
+            if value.name not in graph.initializers:
+                graph.initializers.add(value)
+    return func(proto)

@@ -19,7 +19,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from graphopt.context import PassContext
 from graphopt.data import DataSource, input_specs
 from graphopt.errors import GateFailed, GraphoptError, PassFailed
-from graphopt.model_io import EXTERNAL_DATA_THRESHOLD, save_model, weight_bytes
+from graphopt.model_io import call_on_skeleton, save_model
 from graphopt.options import to_dict
 from graphopt.registry import GraphPass, Tolerance
 from graphopt.runtime import Runner
@@ -47,13 +47,8 @@ class PassRecord:
 
 
 def check_model(model: ir.Model) -> None:
-    """ONNX checker on the graph structure; weights are not serialized for it when the model is large."""
-    if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD // 4:
-        from onnx_ir.passes.common import _c_api_utils
-
-        _c_api_utils.call_onnx_api(lambda proto: onnx.checker.check_model(proto, full_check=False), model)
-    else:
-        onnx.checker.check_model(ir.serde.serialize_model(model), full_check=False)
+    """ONNX checker on the graph structure (weights are not copied for it)."""
+    call_on_skeleton(lambda proto: onnx.checker.check_model(proto, full_check=False), model)
 
 
 def within(agreement: Agreement, tol: Tolerance) -> bool:

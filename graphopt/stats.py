@@ -17,6 +17,8 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from graphopt.model_io import call_on_skeleton
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,8 +59,6 @@ def parameter_count(model: ir.Model) -> tuple[int, int]:
 
 def infer_concrete_shapes(model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Shapes of every value in the main graph for the given concrete input shapes (weights not copied)."""
-    from onnx_ir.passes.common import _c_api_utils  # the weight-stripping helper ShapeInferencePass uses
-
     saved: dict[str, ir.Shape | None] = {}
     for value in model.graph.inputs:
         if value.name in input_shapes:
@@ -69,7 +69,7 @@ def infer_concrete_shapes(model: ir.Model, input_shapes: Mapping[str, tuple[int,
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
 
     try:
-        inferred = _c_api_utils.call_onnx_api(infer, model)
+        inferred = call_on_skeleton(infer, model)
     except Exception as exc:
         logger.debug("shape inference for FLOPs failed: %s", exc)
         return {}
