@@ -43,8 +43,9 @@ class OptimizeResult:
     records: list[PassRecord]
     output: Path | None = None
 
-    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
-        return save_model(self.model, path, external_data=external_data)
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model (a stage folder for a partitioned model; MODEL.ort.json beside it when tuned)."""
+        return save_candidate(self.model, Path(path))
 
 
 def build_passes(names: Sequence[str], context: PassContext,
@@ -66,9 +67,23 @@ def build_passes(names: Sequence[str], context: PassContext,
     return built
 
 
-def _as_model(model: Any, work_dir: Path) -> tuple[ir.Model, Path]:
-    """Load the input; returns it with a path to an untouched copy on disk (the validation reference)."""
+FRAMEWORK_PREFIXES = ("torch:", "tf:")
+
+
+def _as_model(model: Any, work_dir: Path, shapes: Mapping[str, tuple[int, ...]] | None = None
+              ) -> tuple[ir.Model, Path]:
+    """Load the input; returns it with a path to an untouched copy on disk (the validation reference).
+
+    ``torch:MODULE:FACTORY`` and ``tf:PATH`` sources are exported to ONNX first (``graphopt export``).
+    """
     if isinstance(model, (str, os.PathLike)):
+        text = str(model)
+        if text.startswith(FRAMEWORK_PREFIXES):
+            export = _optional("graphopt.export")
+            if export is None:
+                raise UserError(f"{text}: this graphopt build cannot export framework models")
+            path = export.load_source(text, shapes or {}, work_dir)
+            return load_model(path), path
         path = Path(model)
         return load_model(path), path
     if isinstance(model, onnx.ModelProto):
@@ -78,6 +93,49 @@ def _as_model(model: Any, work_dir: Path) -> tuple[ir.Model, Path]:
         save_model(model, ref)
         return load_model(ref), ref
     raise UserError(f"model must be a path, an onnx.ModelProto or an onnx_ir.Model; got {type(model).__name__}")
+
+
+def _optional(module: str) -> Any:
+    """A feature module that may not be present in this build (stages, tune, export)."""
+    import importlib
+    import importlib.util
+
+    return importlib.import_module(module) if importlib.util.find_spec(module) is not None else None
+
+
+def save_candidate(model: ir.Model, path: Path) -> Path:
+    """Write a pipeline result: one model file, or a stage directory when the model was partitioned."""
+    stages = _optional("graphopt.stages")
+    if stages is not None and stages.is_partitioned(model):
+        stages.write_partitioned(model, path)
+        return path
+    if path.is_dir():
+        raise UserError(f"output path {path} is a directory; give a file name (only `partition` writes a folder)")
+    save_model(model, path)
+    tune = _optional("graphopt.tune")
+    if tune is not None:
+        tune.write_settings_from_metadata(model, path)
+    return path
+
+
+def make_runner(path: Path, provider: str, sessions: SessionFactory) -> Any:
+    """A runner for a candidate: an ORT session, or the stitched stages of a partitioned model."""
+    if path.is_dir() and (path / "manifest.json").is_file():
+        stages = _optional("graphopt.stages")
+        if stages is None:
+            raise UserError(f"{path} is a partitioned model, but this graphopt build has no stage runner")
+        from graphopt.runtime import short_name
+
+        return stages.StagePipeline.from_dir(path, devices=[short_name(provider)], session_factory=sessions)
+    return Runner(sessions.session(path, provider, settings=tuned_settings(path, provider)))
+
+
+def tuned_settings(path: Path, provider: str, batch: int | None = None) -> Any:
+    """Settings from MODEL.ort.json (written by `graphopt tune`) when present, else None (defaults)."""
+    tune = _optional("graphopt.tune")
+    if tune is None or path.is_dir():
+        return None
+    return tune.load_settings(path, provider, batch)
 
 
 class _Stage:
@@ -95,8 +153,17 @@ class _Stage:
 
     def commit(self) -> None:
         assert self.output is not None and self.dir is not None
-        for f in sorted(self.dir.iterdir(), key=lambda p: p.name == self.output.name):  # data first, model last
-            os.replace(f, self.output.parent / f.name)
+        if self.path.is_dir():  # a stage directory replaces the old one in two renames
+            old = None
+            if self.output.exists():
+                old = self.dir.parent / f".graphopt-old-{os.getpid()}-{self.output.name}"
+                os.replace(self.output, old)
+            os.replace(self.path, self.output)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            for f in sorted(self.dir.iterdir(), key=lambda p: p.name == self.output.name):  # data first, model last
+                os.replace(f, self.output.parent / f.name)
         self.discard()
 
     def discard(self) -> None:
@@ -113,16 +180,20 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
     ref_model = load_model(reference)
     specs = input_specs(ref_model)
     del ref_model
-    agreement: Agreement = compare(Runner(sessions.session(reference, providers[0])),
-                                   Runner(sessions.session(candidate, providers[0])),
-                                   data, specs, batch_size=batch_size, limit=eval_samples, progress=progress)
+    cand_runner = make_runner(candidate, providers[0], sessions)
+    try:
+        agreement: Agreement = compare(Runner(sessions.session(reference, providers[0])), cand_runner,
+                                       data, specs, batch_size=batch_size, limit=eval_samples, progress=progress)
+    finally:
+        getattr(cand_runner, "close", lambda: None)()
     latencies: list[LatencyResult] = []
     if measure_speed:
         with progress.task("measuring latency", total=len(providers) * len(latency_batches)) as task:
             for provider in providers:
                 for b in latency_batches:
                     inputs = latency_inputs(data, specs, b)
-                    latencies.append(measure_latency(sessions, reference, candidate, provider, inputs))
+                    latencies.append(measure_latency(make_runner(reference, provider, sessions),
+                                                     make_runner(candidate, provider, sessions), inputs))
                     task.advance()
     ref_size, cand_size = model_file_size(reference), model_file_size(candidate)
     report.data["validation"] = {
@@ -172,9 +243,7 @@ def optimize(model: Any, passes: Sequence[str] = ("cleanup",), options: Mapping[
                               shapes=dict(shapes or {}), batch_size=batch_size)
         built = build_passes(list(passes), context, options or {}, set_options or {})
         out_path = Path(output) if output is not None else None
-        if out_path is not None and out_path.is_dir():
-            raise UserError(f"output path {out_path} is a directory; give a file name")
-        ir_model, reference_path = _as_model(model, wd)
+        ir_model, reference_path = _as_model(model, wd, shapes)
         context.reference_path = reference_path
         source = open_data(data, ir_model, shapes=shapes, batch_size=batch_size, seed=seed)
         for spec_batch in source.batches(batch_size=batch_size, limit=1, specs=input_specs(ir_model)):
@@ -182,7 +251,7 @@ def optimize(model: Any, passes: Sequence[str] = ("cleanup",), options: Mapping[
         context.data = source
         evaluation = open_data(eval_data, ir_model, shapes=shapes, batch_size=batch_size, seed=seed + 1) \
             if eval_data is not None else source
-        report.data["input"] = {"path": str(reference_path) if isinstance(model, (str, os.PathLike)) else None,
+        report.data["input"] = {"path": str(model) if isinstance(model, (str, os.PathLike)) else None,
                                 "size_bytes": model_file_size(reference_path),
                                 "stats": model_stats(ir_model, context.shapes).to_dict()}
         pipeline = Pipeline(built, context, check_each_pass=check_each_pass, check_data=evaluation,
@@ -196,7 +265,7 @@ def optimize(model: Any, passes: Sequence[str] = ("cleanup",), options: Mapping[
         pass_failures = [f"pass '{r.name}': {r.failure}" for r in records if r.failure]
         stage = _Stage(out_path, wd)
         try:
-            save_model(ir_model, stage.path)
+            save_candidate(ir_model, stage.path)
             if validate:
                 validate_paths(reference_path, stage.path, report, data=evaluation, sessions=sessions,
                                providers=resolved, latency_batches=latency_batches, batch_size=batch_size,
@@ -265,7 +334,7 @@ def bench_model(model: str | os.PathLike, data: Any = None, *, providers: Sequen
     rows = []
     with progress.task("benchmarking", total=len(resolved) * len(batches)) as task:
         for provider in resolved:
-            runner = Runner(sessions.session(model, provider))
+            runner = Runner(sessions.session(model, provider, settings=tuned_settings(Path(model), provider)))
             for b in batches:
                 (timing,) = time_interleaved([runner], latency_inputs(source, specs, b), repeat=repeat)
                 rows.append({"provider": provider, "batch": b, **dataclasses.asdict(timing),

@@ -133,6 +133,9 @@ def _write_reports(report: Any, json_path: Path | None, html_path: Path | None) 
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file (external data beside it is followed).",
                                           show_default=False)]
+RunModelArg = Annotated[Path, typer.Argument(
+    help="ONNX model file, or a framework source exported first: torch:MODULE:FACTORY (with --shape NAME=DIMS "
+         "for each input) or tf:SAVED_MODEL_DIR|MODEL.keras|MODEL.h5.", show_default=False)]
 DataOpt = Annotated[Optional[str], typer.Option(
     "--data", help="Data: FILE.npz (keys = input names, optional 'labels'), a folder of .npz files, or "
                    "module:function returning batches. Without it, synthetic inputs are made from the model.")]
@@ -144,7 +147,7 @@ ProvidersOpt = Annotated[Optional[str], typer.Option(
 
 @app.command()
 def run(
-    model: ModelArg,
+    model: RunModelArg,
     passes: Annotated[Optional[str], typer.Option("--passes", "-p", help="Comma-separated passes in order, e.g. cleanup,quant (see `graphopt passes`).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the optimized model. [default: MODEL.opt.onnx]")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Pass option PASS.OPTION=VALUE (repeatable); overrides --config.")] = None,
@@ -189,6 +192,10 @@ def run(
         if not names:
             raise UserError("no passes given; use --passes cleanup,... or a --config file with passes = [...]")
         pins = {k: tuple(v) for k, v in (cfg.data.get("shapes") or {}).items()} | _shapes(shape)
+        from graphopt.api import FRAMEWORK_PREFIXES
+
+        if output is None and str(model).startswith(FRAMEWORK_PREFIXES):
+            raise UserError(f"give the output file with -o when the model is a framework source ({model})")
         out = output or model.with_suffix(".opt.onnx")
         cmd = "graphopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         vcfg = cfg.validate

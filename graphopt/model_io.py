@@ -143,8 +143,10 @@ def model_to_bytes(model: ir.Model) -> bytes:
 
 
 def model_file_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model, its external data files included."""
+    """Bytes on disk of a model, its external data files included (all files, for a stage directory)."""
     path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     total = path.stat().st_size
     seen: set[Path] = set()
     try:

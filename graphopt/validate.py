@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from graphopt.context import NullProgress, ProgressReporter
 from graphopt.data import DataSource, InputSpec
-from graphopt.runtime import Runner, SessionFactory, Timing, short_name, time_interleaved
+from graphopt.runtime import Runner, Timing, short_name, time_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +141,15 @@ def latency_inputs(data: DataSource, specs: list[InputSpec], batch: int) -> dict
     return out
 
 
-def measure_latency(factory: SessionFactory, reference: Path | Any, candidate: Path | Any,
-                    provider: str, inputs: dict[str, np.ndarray], *, repeat: int = 50,
+def measure_latency(reference: Runner, candidate: Runner, inputs: dict[str, np.ndarray], *, repeat: int = 50,
                     budget_s: float = 20.0) -> LatencyResult:
-    ref = Runner(factory.session(reference, provider))
-    cand = Runner(factory.session(candidate, provider))
-    t_ref, t_cand = time_interleaved([ref, cand], inputs, repeat=repeat, budget_s=budget_s)
-    return LatencyResult(provider, len(next(iter(inputs.values()))), t_ref, t_cand)
+    """Interleaved timing of two runners (sessions or stage pipelines) on the same inputs."""
+    try:
+        t_ref, t_cand = time_interleaved([reference, candidate], inputs, repeat=repeat, budget_s=budget_s)
+    finally:
+        for r in (reference, candidate):
+            getattr(r, "close", lambda: None)()
+    return LatencyResult(reference.provider, len(next(iter(inputs.values()))), t_ref, t_cand)
 
 
 @dataclasses.dataclass
