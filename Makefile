@@ -37,7 +37,8 @@ test: $(MODELS)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
 bench: $(MODELS)
-	$(PY) benchmarks/run_all.py
+	for b in quant_vs_ort prune distill partition lowrank fp16 tune; do test -f benchmarks/$$b.py && $(PY) benchmarks/$$b.py || exit 1; done
+	$(PY) benchmarks/collect.py
 
 clean:
 	rm -rf out models/build .pytest_cache

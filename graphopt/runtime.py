@@ -75,6 +75,8 @@ class SessionSettings:
     enable_cpu_mem_arena: bool = True
     provider_options: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     optimized_model_path: str | None = None
+    #: ``SessionOptions.add_session_config_entry`` pairs, e.g. ``{"session.intra_op.allow_spinning": "0"}``.
+    config_entries: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -96,6 +98,8 @@ class SessionSettings:
         so.log_severity_level = 3
         if self.optimized_model_path:
             so.optimized_model_filepath = self.optimized_model_path
+        for key, value in self.config_entries.items():
+            so.add_session_config_entry(key, str(value))
         return so
 
 
