@@ -376,7 +376,16 @@ class SyntheticSource(DataSource):
                                     for i, x in enumerate(spec.shape)))
         return tuple(dims)
 
+    #: Most elements one synthetic batch may hold (a crafted model can declare absurd input shapes).
+    max_elements = 1 << 28
+
     def chunks(self) -> Iterator[Batch]:
+        for spec in self.specs:
+            elements = self.chunk * abs(int(np.prod([d for d in self.shapes[spec.name]], dtype=np.float64)))
+            if elements > self.max_elements:
+                raise UserError(f"input '{spec.name}' of shape {self.shapes[spec.name]} would need "
+                                f"{elements:.3g} elements per synthetic batch; give real data with --data or a "
+                                f"smaller --shape")
         rng = np.random.default_rng(self.seed)
         for start in range(0, self.rows, self.chunk):
             n = min(self.chunk, self.rows - start)

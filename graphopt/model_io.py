@@ -68,6 +68,61 @@ def check_external_data(model: ir.Model, base_dir: Path) -> None:
             )
 
 
+def _all_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    found: list[ir.TensorProtocol] = []
+    for graph in model.graphs():
+        found += [v.const_value for v in graph.initializers.values() if v.const_value is not None]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                found.append(attr.value)
+            elif attr.type == ir.AttributeType.TENSORS and attr.value is not None:
+                found.extend(attr.value)
+    return found
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def check_tensor_sizes(model: ir.Model) -> None:
+    """Refuse tensors whose stored data does not match their declared shape.
+
+    A crafted file can declare a 10^12-element tensor backed by a few bytes; nothing may ever allocate
+    what the shape claims before this check has compared it with the bytes that are really there.
+    """
+    for tensor in _all_tensors(model):
+        if tensor.shape is not None and any(d < 0 for d in tensor.shape.numpy()):
+            raise UserError(f"tensor '{tensor.name}' has a negative dimension {tensor.shape}")
+        if isinstance(tensor, ir.ExternalTensor):
+            if tensor.length is not None and tensor.length < tensor.nbytes:
+                raise UserError(f"external tensor '{tensor.name}' declares {tensor.nbytes} bytes by its shape "
+                                f"but stores {tensor.length}")
+            continue
+        proto = getattr(tensor, "raw", None)
+        if not isinstance(proto, onnx.TensorProto) or proto.data_type == onnx.TensorProto.STRING:
+            continue
+        if proto.HasField("raw_data"):
+            stored = len(proto.raw_data)
+            if stored != tensor.nbytes:
+                raise UserError(f"tensor '{tensor.name}' declares shape {list(proto.dims)} "
+                                f"({tensor.nbytes} bytes) but stores {stored} bytes")
+        else:
+            count = sum(len(getattr(proto, f)) for f in _TYPED_FIELDS)
+            elements = tensor.size
+            if count and count < elements and proto.data_type not in (onnx.TensorProto.COMPLEX64,
+                                                                     onnx.TensorProto.COMPLEX128):
+                raise UserError(f"tensor '{tensor.name}' declares {elements} elements but stores {count}")
+
+
+def check_structure(model: ir.Model, path: Path) -> None:
+    """The ONNX checker on the graph (cycles, duplicate names, unknown domains...), weights not copied."""
+    try:
+        call_on_skeleton(lambda proto: onnx.checker.check_model(proto, full_check=False), model)
+    except onnx.checker.ValidationError as exc:
+        first = " ".join(str(exc).split())
+        raise UserError(f"{path} is not a valid ONNX model: {first[:400]}") from None
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX file into onnx_ir, keeping external tensors lazy (memory-mapped on first use)."""
     path = Path(path)
@@ -89,6 +144,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     del proto
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     check_external_data(model, path.parent)
+    check_tensor_sizes(model)
+    check_structure(model, path)
     return model
 
 
