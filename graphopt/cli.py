@@ -111,6 +111,9 @@ def _shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # the libraries' own warnings (e.g. about the malformed input we then refuse) are noise here
+        for name in ("onnx_ir", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _print_report(data: dict[str, Any]) -> None:
@@ -254,6 +257,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show inputs/outputs, opsets, IR version, op histogram, parameters, size and FLOPs by op type."""
+    _setup_logging(False)
     with _errors():
         from graphopt.describe import describe_model
 

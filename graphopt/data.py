@@ -30,7 +30,9 @@ class Batch:
     labels: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        """Rows in the batch; 0-d inputs (scalars such as flags) are shared by every row."""
+        rows = [len(v) for v in self.inputs.values() if np.ndim(v) > 0]
+        return max(rows) if rows else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +160,8 @@ class DataSource:
 def _concat(parts: list[Batch]) -> Batch:
     if len(parts) == 1:
         return parts[0]
-    inputs = {k: np.concatenate([p.inputs[k] for p in parts]) for k in parts[0].inputs}
+    inputs = {k: (np.concatenate([p.inputs[k] for p in parts]) if np.ndim(parts[0].inputs[k]) else parts[0].inputs[k])
+              for k in parts[0].inputs}
     labels = None
     if all(p.labels is not None for p in parts):
         labels = np.concatenate([p.labels for p in parts])  # type: ignore[misc]
@@ -166,7 +169,7 @@ def _concat(parts: list[Batch]) -> Batch:
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    return Batch({k: np.ascontiguousarray(v[start:stop]) for k, v in batch.inputs.items()},
+    return Batch({k: (np.ascontiguousarray(v[start:stop]) if np.ndim(v) else v) for k, v in batch.inputs.items()},
                  None if batch.labels is None else np.asarray(batch.labels[start:stop]))
 
 

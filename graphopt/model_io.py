@@ -91,34 +91,43 @@ def check_tensor_sizes(model: ir.Model) -> None:
     what the shape claims before this check has compared it with the bytes that are really there.
     """
     for tensor in _all_tensors(model):
-        if tensor.shape is not None and any(d < 0 for d in tensor.shape.numpy()):
-            raise UserError(f"tensor '{tensor.name}' has a negative dimension {tensor.shape}")
-        if isinstance(tensor, ir.ExternalTensor):
-            if tensor.length is not None and tensor.length < tensor.nbytes:
-                raise UserError(f"external tensor '{tensor.name}' declares {tensor.nbytes} bytes by its shape "
-                                f"but stores {tensor.length}")
-            continue
-        proto = getattr(tensor, "raw", None)
-        if not isinstance(proto, onnx.TensorProto) or proto.data_type == onnx.TensorProto.STRING:
-            continue
-        if proto.HasField("raw_data"):
-            stored = len(proto.raw_data)
-            if stored != tensor.nbytes:
-                raise UserError(f"tensor '{tensor.name}' declares shape {list(proto.dims)} "
-                                f"({tensor.nbytes} bytes) but stores {stored} bytes")
-        else:
-            count = sum(len(getattr(proto, f)) for f in _TYPED_FIELDS)
-            elements = tensor.size
-            if count and count < elements and proto.data_type not in (onnx.TensorProto.COMPLEX64,
-                                                                     onnx.TensorProto.COMPLEX128):
-                raise UserError(f"tensor '{tensor.name}' declares {elements} elements but stores {count}")
+        try:
+            _check_tensor_size(tensor)
+        except UserError:
+            raise
+        except Exception as exc:  # undefined dtypes and other malformations surface in many ways
+            raise UserError(f"tensor '{tensor.name}' is malformed: {exc}") from None
+
+
+def _check_tensor_size(tensor: ir.TensorProtocol) -> None:
+    if tensor.shape is not None and any(d < 0 for d in tensor.shape.numpy()):
+        raise UserError(f"tensor '{tensor.name}' has a negative dimension {tensor.shape}")
+    if isinstance(tensor, ir.ExternalTensor):
+        if tensor.length is not None and tensor.length < tensor.nbytes:
+            raise UserError(f"external tensor '{tensor.name}' declares {tensor.nbytes} bytes by its shape "
+                            f"but stores {tensor.length}")
+        return
+    proto = getattr(tensor, "raw", None)
+    if not isinstance(proto, onnx.TensorProto) or proto.data_type == onnx.TensorProto.STRING:
+        return
+    if proto.HasField("raw_data"):
+        stored = len(proto.raw_data)
+        if stored != tensor.nbytes:
+            raise UserError(f"tensor '{tensor.name}' declares shape {list(proto.dims)} "
+                            f"({tensor.nbytes} bytes) but stores {stored} bytes")
+    else:
+        count = sum(len(getattr(proto, f)) for f in _TYPED_FIELDS)
+        elements = tensor.size
+        if count and count < elements and proto.data_type not in (onnx.TensorProto.COMPLEX64,
+                                                                 onnx.TensorProto.COMPLEX128):
+            raise UserError(f"tensor '{tensor.name}' declares {elements} elements but stores {count}")
 
 
 def check_structure(model: ir.Model, path: Path) -> None:
     """The ONNX checker on the graph (cycles, duplicate names, unknown domains...), weights not copied."""
     try:
         call_on_skeleton(lambda proto: onnx.checker.check_model(proto, full_check=False), model)
-    except onnx.checker.ValidationError as exc:
+    except Exception as exc:  # checker verdicts, and serializer failures on malformed fields
         first = " ".join(str(exc).split())
         raise UserError(f"{path} is not a valid ONNX model: {first[:400]}") from None
 

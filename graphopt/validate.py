@@ -134,7 +134,7 @@ def latency_inputs(data: DataSource, specs: list[InputSpec], batch: int) -> dict
     first = data.first(specs, batch_size=batch)
     out = {}
     for name, arr in first.inputs.items():
-        if len(arr) < batch:
+        if np.ndim(arr) and len(arr) < batch:
             reps = -(-batch // len(arr))
             arr = np.concatenate([arr] * reps)[:batch]
         out[name] = np.ascontiguousarray(arr)
