@@ -30,10 +30,14 @@ from graphopt.registry import GraphPass, Tolerance
 from graphopt.report import Report
 from graphopt.runtime import SessionFactory, resolve_providers
 from graphopt.stats import model_stats
-from graphopt.validate import Agreement, LatencyResult, compare, evaluate_gates, latency_inputs, measure_latency
+from graphopt.validate import (LatencyResult, compare, compare_sequential, evaluate_gates, latency_inputs,
+                               measure_latency, measure_latency_sequential)
 from graphopt.runtime import Runner
 
 logger = logging.getLogger(__name__)
+
+#: Above this many bytes of reference + candidate, validation keeps one ORT session alive at a time.
+SEQUENTIAL_VALIDATION_BYTES = 2 << 30
 
 
 @dataclasses.dataclass
@@ -118,6 +122,14 @@ def save_candidate(model: ir.Model, path: Path) -> Path:
     return path
 
 
+def release_weights(model: ir.Model) -> None:
+    """Unmap external tensors (they map again on next use), so their pages leave this process's RSS."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value.release()
+
+
 def make_runner(path: Path, provider: str, sessions: SessionFactory) -> Any:
     """A runner for a candidate: an ORT session, or the stitched stages of a partitioned model."""
     if path.is_dir() and (path / "manifest.json").is_file():
@@ -180,22 +192,38 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
     ref_model = load_model(reference)
     specs = input_specs(ref_model)
     del ref_model
-    cand_runner = make_runner(candidate, providers[0], sessions)
-    try:
-        agreement: Agreement = compare(Runner(sessions.session(reference, providers[0])), cand_runner,
-                                       data, specs, batch_size=batch_size, limit=eval_samples, progress=progress)
-    finally:
-        getattr(cand_runner, "close", lambda: None)()
+    ref_size, cand_size = model_file_size(reference), model_file_size(candidate)
+    # Models whose weights do not fit in memory twice are run one session at a time.
+    sequential = ref_size + cand_size > SEQUENTIAL_VALIDATION_BYTES
+
+    def make(path: Path, provider: str) -> Any:
+        return lambda: make_runner(path, provider, sessions)
+
+    if sequential:
+        spill = Path(tempfile.mkdtemp(prefix="graphopt-spill-", dir=sessions.work_dir))
+        agreement = compare_sequential(make(reference, providers[0]), make(candidate, providers[0]), data, specs,
+                                       spill, batch_size=batch_size, limit=eval_samples, progress=progress)
+        shutil.rmtree(spill, ignore_errors=True)
+    else:
+        cand_runner = make_runner(candidate, providers[0], sessions)
+        try:
+            agreement = compare(make_runner(reference, providers[0], sessions), cand_runner, data, specs,
+                                batch_size=batch_size, limit=eval_samples, progress=progress)
+        finally:
+            getattr(cand_runner, "close", lambda: None)()
     latencies: list[LatencyResult] = []
     if measure_speed:
         with progress.task("measuring latency", total=len(providers) * len(latency_batches)) as task:
             for provider in providers:
                 for b in latency_batches:
                     inputs = latency_inputs(data, specs, b)
-                    latencies.append(measure_latency(make_runner(reference, provider, sessions),
-                                                     make_runner(candidate, provider, sessions), inputs))
+                    if sequential:
+                        latencies.append(measure_latency_sequential(make(reference, provider),
+                                                                    make(candidate, provider), inputs))
+                    else:
+                        latencies.append(measure_latency(make_runner(reference, provider, sessions),
+                                                         make_runner(candidate, provider, sessions), inputs))
                     task.advance()
-    ref_size, cand_size = model_file_size(reference), model_file_size(candidate)
     report.data["validation"] = {
         "data": data.description,
         "provider_for_agreement": providers[0],
@@ -266,6 +294,7 @@ def optimize(model: Any, passes: Sequence[str] = ("cleanup",), options: Mapping[
         stage = _Stage(out_path, wd)
         try:
             save_candidate(ir_model, stage.path)
+            release_weights(ir_model)  # drop memory-mapped pages before ORT loads its own copies
             if validate:
                 validate_paths(reference_path, stage.path, report, data=evaluation, sessions=sessions,
                                providers=resolved, latency_batches=latency_batches, batch_size=batch_size,

@@ -112,6 +112,40 @@ def compare(reference: Runner, candidate: Runner, data: DataSource, specs: list[
     return meter.result()
 
 
+def compare_sequential(make_reference: Any, make_candidate: Any, data: DataSource, specs: list[InputSpec],
+                       spill_dir: Any, *, batch_size: int = 64, limit: int | None = 2000,
+                       progress: ProgressReporter | None = None) -> Agreement:
+    """Like :func:`compare`, with one session alive at a time: for models whose weights do not fit twice.
+
+    The reference's outputs are spilled to ``spill_dir`` batch by batch, its session is dropped, and the
+    candidate then runs over the same batches.
+    """
+    import numpy as _np
+
+    progress = progress or NullProgress()
+    runner = make_reference()
+    count = 0
+    with progress.task("reference outputs", total=limit) as task:
+        for i, batch in enumerate(data.batches(batch_size=batch_size, limit=limit, specs=specs)):
+            _np.savez(f"{spill_dir}/ref_{i}.npz", *runner.run(batch.inputs))
+            count = i + 1
+            task.advance(len(batch))
+    getattr(runner, "close", lambda: None)()
+    del runner
+    runner = make_candidate()
+    meter = AgreementMeter()
+    with progress.task("comparing outputs", total=limit) as task:
+        for i, batch in enumerate(data.batches(batch_size=batch_size, limit=limit, specs=specs)):
+            if i >= count:
+                break
+            with _np.load(f"{spill_dir}/ref_{i}.npz") as z:
+                ref = [z[f"arr_{j}"] for j in range(len(z.files))]
+            meter.update(ref, runner.run(batch.inputs), batch.labels)
+            task.advance(len(batch))
+    getattr(runner, "close", lambda: None)()
+    return meter.result()
+
+
 @dataclasses.dataclass
 class LatencyResult:
     provider: str
@@ -123,10 +157,13 @@ class LatencyResult:
     def ratio(self) -> float:
         return self.candidate.p50_ms / self.reference.p50_ms if self.reference.p50_ms > 0 else float("nan")
 
+    #: "interleaved" (both sessions alive, alternating runs) or "sequential" (one at a time: big models)
+    mode: str = "interleaved"
+
     def to_dict(self) -> dict[str, Any]:
         return {"provider": short_name(self.provider), "batch": self.batch,
                 "reference_ms": dataclasses.asdict(self.reference),
-                "candidate_ms": dataclasses.asdict(self.candidate), "ratio": self.ratio}
+                "candidate_ms": dataclasses.asdict(self.candidate), "ratio": self.ratio, "mode": self.mode}
 
 
 def latency_inputs(data: DataSource, specs: list[InputSpec], batch: int) -> dict[str, np.ndarray]:
@@ -150,6 +187,21 @@ def measure_latency(reference: Runner, candidate: Runner, inputs: dict[str, np.n
         for r in (reference, candidate):
             getattr(r, "close", lambda: None)()
     return LatencyResult(reference.provider, len(next(iter(inputs.values()))), t_ref, t_cand)
+
+
+def measure_latency_sequential(make_reference: Any, make_candidate: Any, inputs: dict[str, np.ndarray], *,
+                               repeat: int = 20, budget_s: float = 30.0) -> LatencyResult:
+    """Time the two models one after the other (each session dropped before the next is made)."""
+    timings = []
+    provider = ""
+    for make in (make_reference, make_candidate):
+        runner = make()
+        provider = runner.provider
+        (t,) = time_interleaved([runner], inputs, repeat=repeat, budget_s=budget_s, warmup=2)
+        getattr(runner, "close", lambda: None)()
+        del runner
+        timings.append(t)
+    return LatencyResult(provider, len(next(iter(inputs.values()))), timings[0], timings[1], mode="sequential")
 
 
 @dataclasses.dataclass
