@@ -39,11 +39,23 @@ class PassRecord:
     details: dict[str, Any]
     check: dict[str, Any] | None = None
     failure: str | None = None
+    peak_rss_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options, "seconds": self.seconds,
                 "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "details": self.details, "check": self.check, "failure": self.failure}
+                "details": self.details, "check": self.check, "failure": self.failure,
+                "peak_rss_bytes": self.peak_rss_bytes}
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident memory so far (bytes), where the platform reports it."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return None
 
 
 def check_model(model: ir.Model) -> None:
@@ -100,7 +112,7 @@ class Pipeline:
             if before_path is not None:
                 check = self._check(p, before_path, model)
             records.append(PassRecord(p.name, to_dict(p.options), seconds, stats, after, p.details, check,
-                                      p.failure))
+                                      p.failure, peak_rss()))
             stats = after
         return model, records
 
