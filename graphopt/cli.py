@@ -125,7 +125,10 @@ def _print_report(data: dict[str, Any]) -> None:
         console.print(("[red]" if not data.get("passed") else "") + data["message"], markup=True)
 
 
-def _write_reports(report: Any, json_path: Path | None, html_path: Path | None) -> None:
+def _write_reports(report: Any, json_path: Path | None, html_path: Path | None, md_path: Path | None = None) -> None:
+    if md_path:
+        report.write_markdown(md_path)
+        console.print(f"markdown report: {md_path}")
     if json_path:
         report.write_json(json_path)
         console.print(f"report: {json_path}")
@@ -170,6 +173,7 @@ def run(
     eval_samples: Annotated[int, typer.Option("--eval-samples", help="Most samples used to compare outputs.", min=1)] = 1000,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON.")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write the report as a self-contained HTML page.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write the report as Markdown tables.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for synthetic data and passes. [default: 0]")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables (errors still print).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each step does.")] = False,
@@ -221,7 +225,7 @@ def run(
         rep = result.report
         if not quiet:
             _print_report(rep.data)
-        _write_reports(rep, report, html)
+        _write_reports(rep, report, html, markdown)
         if rep.data["output"]["written"]:
             console.print(f"wrote {out}")
         elif not rep.passed:
@@ -307,7 +311,8 @@ def validate(
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Compare outputs only.")] = False,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON.")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write the report as HTML.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write the report as Markdown tables.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
 ) -> None:
     """Check a candidate against its reference: agreement, accuracy, latency, size and gates."""
     with _errors():
@@ -321,7 +326,7 @@ def validate(
                               command="graphopt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         if not quiet:
             _print_report(rep.data)
-        _write_reports(rep, report, html)
+        _write_reports(rep, report, html, markdown)
         raise typer.Exit(rep.data["exit_code"])
 
 

@@ -58,6 +58,9 @@ class Report:
     def write_html(self, path: str | os.PathLike) -> None:
         _write_text_atomic(Path(path), render_html(self.data))
 
+    def write_markdown(self, path: str | os.PathLike) -> None:
+        _write_text_atomic(Path(path), render_markdown(self.data))
+
 
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
@@ -308,3 +311,50 @@ def render_html(data: dict[str, Any]) -> str:
         parts.append("<h2>Gates</h2>" + _table(["gate", "limit", "value", "result"], rows))
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+# ---------------------------------------------------------------- Markdown
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """The report as Markdown tables (for pull requests and CI summaries)."""
+    ok = data.get("passed", True)
+    lines = [f"# graphopt report: {'PASSED' if ok else 'FAILED'} (exit code {data.get('exit_code')})", "",
+             f"`{data.get('command')}` · graphopt {data.get('graphopt_version')} · {data.get('created')}", ""]
+    if data.get("message"):
+        lines += [f"**{data['message']}**", ""]
+    passes = data.get("passes") or []
+    if passes:
+        lines += ["| pass | time | nodes | parameters | weights | FLOPs/sample |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        b = passes[0]["before"]
+        lines.append(f"| (input) | | {b['nodes']} | {format_count(b['parameters'])} | {format_bytes(b['bytes'])} | "
+                     f"{format_count(b['flops'])} |")
+        for rec in passes:
+            a = rec["after"]
+            lines.append(f"| {rec['name']} | {rec['seconds']:.2f} s | {a['nodes']} | {format_count(a['parameters'])} | "
+                         f"{format_bytes(a['bytes'])} | {format_count(a['flops'])} |")
+        lines.append("")
+    v = data.get("validation")
+    if v:
+        ag = v.get("agreement") or {}
+        lines += ["| figure | value |", "| --- | ---: |", f"| samples compared | {ag.get('samples')} |",
+                  f"| max abs diff | {ag.get('max_abs_diff', 0):.3g} |", f"| mean cosine | {ag.get('mean_cosine', 0):.6f} |"]
+        if ag.get("top1_agreement") is not None:
+            lines.append(f"| top-1 agreement | {100 * ag['top1_agreement']:.2f}% |")
+        if ag.get("reference_accuracy") is not None:
+            lines.append(f"| accuracy input → output | {100 * ag['reference_accuracy']:.2f}% → "
+                         f"{100 * ag['candidate_accuracy']:.2f}% |")
+        if v.get("size"):
+            lines.append(f"| size ratio | {v['size']['ratio']:.3f}× |")
+        lines.append("")
+        if v.get("latency"):
+            lines += ["| provider | batch | input p50 ms | output p50 ms | ratio |", "| --- | ---: | ---: | ---: | ---: |"]
+            for x in v["latency"]:
+                lines.append(f"| {x['provider']} | {x['batch']} | {x['reference_ms']['p50_ms']:.3f} | "
+                             f"{x['candidate_ms']['p50_ms']:.3f} | {x['ratio']:.3f}× |")
+            lines.append("")
+    if data.get("gates"):
+        lines += ["| gate | limit | value | result |", "| --- | ---: | ---: | --- |"]
+        for g in data["gates"]:
+            value = "n/a" if g["value"] is None else f"{g['value']:.3f}"
+            lines.append(f"| {g['name']} | {g['limit']:g} | {value} | {'pass' if g['passed'] else 'FAIL'} |")
+    return "\n".join(lines).rstrip() + "\n"

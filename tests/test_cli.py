@@ -19,7 +19,8 @@ def _run_cleanup(cli, models_dir: Path, tmp_path: Path, *extra: str):
 
 
 def test_run_writes_model_and_reports(cli, models_dir, tmp_path):
-    proc, out = _run_cleanup(cli, models_dir, tmp_path, "--latency-batch", "1,4", "--max-accuracy-drop", "0.5")
+    proc, out = _run_cleanup(cli, models_dir, tmp_path, "--latency-batch", "1,4", "--max-accuracy-drop", "0.5",
+                             "--markdown", tmp_path / "r.md")
     assert proc.returncode == 0, proc.stderr
     assert "Passes" in proc.stdout and "Latency" in proc.stdout and "top-1 agreement" in proc.stdout
     report = json.loads((tmp_path / "r.json").read_text())
@@ -42,6 +43,8 @@ def test_run_writes_model_and_reports(cli, models_dir, tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert page.startswith("<!doctype html>") and "<svg" in page and "Latency p50" in page
     assert "<script" not in page  # self-contained, static
+    md = (tmp_path / "r.md").read_text()
+    assert md.startswith("# graphopt report: PASSED") and "| cleanup |" in md and "| max_accuracy_drop |" in md
 
     # the written model really is the cleaned one and agrees with the input
     x, _ = load_npz(models_dir / "digits_cnn_test.npz", 64)
