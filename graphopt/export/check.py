@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import GateFailed
+from graphopt.errors import GateFailed, UserError
 from graphopt.export.inputs import InputDecl
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,9 @@ def run_check(framework: str, onnx_path: Path, output_names: Sequence[str],
             ref = reference(inputs)
         except Exception as exc:  # noqa: BLE001 - the user's model raising is reported, not a crash
             if i == 0:
-                raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise UserError(f"{framework} fails on the check inputs ({shapes}): "
+                                f"{type(exc).__name__}: {first[:300]}") from None
             msg = f"{label} ({shapes}): {framework} itself fails on these shapes ({type(exc).__name__}: {exc})"
             logger.info("skipped check %s", msg)
             check.skipped.append(msg.splitlines()[0])

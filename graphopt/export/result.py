@@ -35,6 +35,15 @@ def _dims(value: ir.Value) -> list[int | str | None]:
     return [d if isinstance(d, int) else d.value for d in value.shape]
 
 
+def _dtype_name(dtype: ir.DataType | None) -> str:
+    if dtype is None:
+        return "?"
+    try:
+        return np.dtype(dtype.numpy()).name
+    except (TypeError, ValueError):
+        return dtype.name.lower()
+
+
 @dataclasses.dataclass
 class ExportResult:
     """What an export produced: the model (onnx_ir), where it was written, how, and how well it matches."""
@@ -54,7 +63,7 @@ class ExportResult:
 
     def io(self) -> dict[str, list[dict[str, Any]]]:
         def describe(values: Sequence[ir.Value]) -> list[dict[str, Any]]:
-            return [{"name": v.name, "dtype": v.dtype.name.lower() if v.dtype is not None else "?",
+            return [{"name": v.name, "dtype": _dtype_name(v.dtype),
                      "shape": _dims(v)} for v in values]
 
         inits = set(self.model.graph.initializers)
@@ -134,7 +143,7 @@ def finish_export(model: ir.Model, *, framework: str, exporter: str, notes: list
         if not passed:
             assert result.check is not None
             tail = (f"; written anyway: {output}" if result.written
-                    else "; nothing written (keep_failed / --keep-failed writes it anyway)" if output else "")
+                    else "; nothing written (--keep-failed, or keep_failed=True, writes it anyway)" if output else "")
             raise ExportMismatch(result.check.failure_message() + tail, result)
         return result
     finally:

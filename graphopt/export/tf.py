@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,36 @@ CHECK_BATCH = 2
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
+def _import_tensorflow() -> Any:
+    """``import tensorflow`` with its C++ start-up lines (absl, oneDNN notices) kept off the terminal.
+
+    Those lines ignore TF_CPP_MIN_LOG_LEVEL, so file descriptor 2 is pointed at a scratch file while the
+    import runs; what it caught is logged at DEBUG.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            caught = sink.read().decode(errors="replace").strip()
+            if caught:
+                logger.debug("tensorflow import wrote:\n%s", caught)
+    return tf
+
+
 def require_tf() -> tuple[Any, Any]:
     """Import tensorflow and tf2onnx, or say how to install them."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     missing = []
     try:
-        import tensorflow as tf
+        tf = _import_tensorflow()
     except ImportError:
         missing.append("tensorflow")
         tf = None
@@ -196,23 +221,24 @@ def from_tf(model: Any, *, input_shapes: Mapping[str, tuple[int, ...] | str] | N
     Raises ``ExportMismatch`` (exit 1) when ONNX Runtime disagrees with TensorFlow beyond
     ``atol + rtol * |tf|``; ``UserError`` for unreadable models or bad arguments.
     """
-    tf, tf2onnx = require_tf()
     out_path = check_output_path(output)
-    keep_alive = None
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
+        if path.is_dir() and not (path / "saved_model.pb").is_file():
+            raise UserError(f"{path} is a folder without saved_model.pb; expected a SavedModel folder, "
+                            "a .keras or a .h5 file")
+        if not path.exists():
+            raise UserError(f"TensorFlow model not found: {path}")
+        if path.is_file() and path.suffix.lower() not in KERAS_SUFFIXES:
+            raise UserError(f"{path}: expected a SavedModel folder (with saved_model.pb), a .keras or a .h5 file")
+    tf, tf2onnx = require_tf()
+    keep_alive = None
+    if isinstance(model, (str, os.PathLike)):
         source = f"tf:{path}"
         if path.is_dir():
-            if not (path / "saved_model.pb").is_file():
-                raise UserError(f"{path} is a folder without saved_model.pb; expected a SavedModel folder, "
-                                "a .keras or a .h5 file")
             fn, sig, names, reference, keep_alive = _saved_model_function(tf, path, signature)
-        elif path.is_file() and path.suffix.lower() in KERAS_SUFFIXES:
-            fn, sig, names, reference = _keras_function(tf, _keras_model(path))
-        elif not path.exists():
-            raise UserError(f"TensorFlow model not found: {path}")
         else:
-            raise UserError(f"{path}: expected a SavedModel folder (with saved_model.pb), a .keras or a .h5 file")
+            fn, sig, names, reference = _keras_function(tf, _keras_model(path))
     elif hasattr(model, "inputs") and callable(model):
         source = f"tf:<{type(model).__name__}>"
         fn, sig, names, reference = _keras_function(tf, model)

@@ -300,8 +300,8 @@ def from_torch(module: Any, example_inputs: Any, *, input_names: Sequence[str] |
         for axis in axes:
             if named[name].shape[axis] == 1:
                 named[name] = torch.cat([named[name], named[name]], dim=axis)
-                notes.append(f"dynamic axis {axis} of '{name}' has size 1 in the example; exported with size 2 "
-                             "(a size-1 example would fix the dimension)")
+                logger.info("dynamic axis %d of '%s' has size 1 in the example; exported with size 2 "
+                            "(a size-1 example would fix the dimension)", axis, name)
     decls = [InputDecl(n, tuple(t.shape), d.dtype) for (n, t), d in zip(named.items(), decls)]
     names = list(named)
     args = tuple(named.values())
@@ -385,6 +385,7 @@ def export_factory(spec: str, decls: Sequence[InputDecl] | None, **kwargs: Any) 
             else:
                 examples[d.name] = torch.randint(0, 2, d.shape, generator=gen).to(getattr(torch, d.dtype.name))
     elif examples is None:
-        raise UserError(f"no inputs declared for '{spec}': give --input NAME=1x3x224x224[:dtype] for each "
-                        "forward argument, in order (or make the factory return (module, example_inputs))")
+        raise UserError(f"no inputs declared for '{spec}': give each forward argument in order, with "
+                        "--input NAME=1x3x224x224[:dtype] (graphopt export) or --shape NAME=1x3x224x224 (graphopt "
+                        "run), or make the factory return (module, example_inputs)")
     return from_torch(module, examples, source=f"torch:{spec}", check_on_examples=not decls, **kwargs)
