@@ -137,6 +137,9 @@ class SessionFactory:
         return sess
 
 
+_FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
+
+
 class Runner:
     """Runs one session; on CUDA it binds inputs/outputs so timing measures the device, not copies."""
 
@@ -146,10 +149,22 @@ class Runner:
         self.output_names = [o.name for o in session.get_outputs()]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else None
         self._binding: Any = None
+        #: Float inputs by name and numpy type: a candidate may take float16 where its reference took float32
+        #: (fp16 with keep_io_types=false), and the same data must feed both.
+        self._float_inputs = {i.name: _FLOAT_TYPES[i.type] for i in session.get_inputs() if i.type in _FLOAT_TYPES}
+
+    def _adapt(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = dict(inputs)
+        for name, arr in out.items():
+            want = self._float_inputs.get(name)
+            if want is not None and arr.dtype.kind == "f" and arr.dtype != want:
+                out[name] = arr.astype(want)
+        return out
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        inputs = self._adapt(inputs)
         if self.device is None:
-            return self.session.run(self.output_names, dict(inputs))
+            return self.session.run(self.output_names, inputs)
         binding = self.session.io_binding()
         for name, arr in inputs.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
@@ -160,7 +175,7 @@ class Runner:
 
     def bind(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Prepare repeated timed runs on fixed inputs (device-resident on CUDA)."""
-        self._inputs = dict(inputs)
+        inputs = self._inputs = self._adapt(inputs)
         if self.device is None:
             return
         binding = self.session.io_binding()

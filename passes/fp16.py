@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -49,6 +49,9 @@ DATA_MOVEMENT = frozenset({
     "Concat", "Gather", "GatherElements", "GatherND", "Tile", "Pad", "DepthToSpace", "SpaceToDepth",
     "ScatterND", "ScatterElements", "Where", "ReverseSequence", "Compress", "Dropout",
 })
+
+#: Ops worth running in low precision even alone between float32 ops (the Casts cost less than they save).
+HEAVY_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention", "MultiHeadAttention"})
 
 #: Inputs that accept any element type: a value of either precision feeds them without a Cast.
 ANY_TYPE_INPUTS = {("Cast", 0), ("CastLike", 0), ("Shape", 0), ("Size", 0)}
@@ -84,22 +87,30 @@ class ProviderPolicy:
     def blocks(self, op_type: str, dtype_name: str) -> bool:
         if op_type in self.block:
             return True
-        if self.allow_only is not None:
-            return op_type not in self.allow_only.get(dtype_name, frozenset())
-        return False
+        allowed = (self.allow_only or {}).get(dtype_name)
+        return allowed is not None and op_type not in allowed
 
 
 _CPU_FP16_NATIVE = frozenset({"Identity", "Transpose", "Flatten", "Concat", "Reshape", "Gather", "Slice", "Split",
                               "Squeeze", "Unsqueeze", "Expand", "ScatterND", "GatherElements", "GatherND"})
 
+_CUDA_BF16_NATIVE = frozenset({
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Expand", "Slice", "Concat", "Gather",
+    "Tile", "Where", "Abs", "Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Exp", "Erf", "Tanh", "Sigmoid",
+    "Relu", "Gelu", "Max", "Min", "MatMul", "Gemm", "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum"})
+
 #: Per-provider policies. A plug-in may add its own: ``POLICIES["dml"] = ProviderPolicy(block=...)``.
 POLICIES: dict[str, ProviderPolicy] = {
     "cuda": ProviderPolicy(
-        # onnxruntime.transformers.float16.DEFAULT_OP_BLOCK_LIST (its ai.onnx.ml ops are covered by the domain
-        # rule): ops the CUDA EP lacks in float16 or that lose too much in it.
-        block=frozenset({"NonMaxSuppression", "TopK", "RoiAlign", "Range", "CumSum", "Min", "Max", "Upsample",
+        # float16: onnxruntime.transformers.float16.DEFAULT_OP_BLOCK_LIST (its ai.onnx.ml ops are covered by the
+        # domain rule) less Min and Max, which the CUDA EP (1.31) runs natively and exactly in float16.
+        block=frozenset({"NonMaxSuppression", "TopK", "RoiAlign", "Range", "CumSum", "Upsample",
                          "RandomUniformLike"}),
-        doc="CUDA EP: nearly everything in low precision; block list from onnxruntime's float16 converter."),
+        # bfloat16: only ops the CUDA EP 1.31 was seen running natively (benchmarks/fp16.py --probe cuda); it
+        # lacks bfloat16 Conv, pooling, BatchNormalization, comparisons, Log, Pad, Resize, ... and the CPU
+        # fallback has no bfloat16 either, so anything else stays float32.
+        allow_only={"bfloat16": _CUDA_BF16_NATIVE},
+        doc="CUDA EP: nearly everything in float16; bfloat16 only where the EP has kernels."),
     "cpu": ProviderPolicy(
         # Measured on onnxruntime 1.32 (x86-64): the ops its CPU EP runs natively in float16 / bfloat16 without
         # inserting Casts, restricted to data movement (benchmarks/fp16.py --probe-cpu re-derives the list).
@@ -133,6 +144,9 @@ class Fp16Options:
                 re.compile(pattern)
             except re.error as exc:
                 raise UserError(f"option fp16.block_nodes: {pattern!r} is not a regular expression ({exc})") from None
+        if self.bf16 and not self.keep_io_types:
+            raise UserError("options fp16.bf16=true and fp16.keep_io_types=false do not go together: bfloat16 "
+                            "model inputs and outputs cannot be fed or read through numpy; keep float32 I/O")
         both = set(self.block_ops) & set(self.allow_ops)
         if both:
             raise UserError(f"option fp16: {', '.join(sorted(both))} is in both block_ops and allow_ops")
@@ -208,9 +222,9 @@ class Fp16Pass(GraphPass):
         self.clamped: list[dict[str, object]] = []
         self.underflow = 0
         precision, reasons = self._assign(graph)
-        n_casts = self._rewrite(graph, precision)
+        self._rewrite(graph, precision)
         self._fuse_cast_pairs(graph)
-        self._report(graph, precision, reasons, provider, n_casts)
+        self._report(graph, reasons, provider)
         return ir.passes.PassResult(model, modified=True)
 
     # -- deciding ------------------------------------------------------------------------------------------
@@ -252,8 +266,8 @@ class Fp16Pass(GraphPass):
             """Precision of an activation value, or None for flexible / non-float ones."""
             if not _is_float32(v):
                 return None
-            if v.is_graph_input():
-                return io
+            if v.is_graph_input():  # an initializer listed as an input can be overridden in float32
+                return F32 if v.is_initializer() else io
             p = v.producer()
             if p is None or self._flexible(p):
                 return None
@@ -274,7 +288,48 @@ class Fp16Pass(GraphPass):
                 precision[id(node)] = LOW if (not seen or LOW in seen) else F32
             else:
                 precision[id(node)] = LOW
+        self._drop_islands(graph, precision, produced, io)
         return precision, reasons
+
+    def _drop_islands(self, graph: ir.Graph, precision: dict[int, str],
+                      produced: Callable[[ir.Value], str | None], io: str) -> None:
+        """Light ops that float32 surrounds stay float32: converting such an island would cost a Cast at each
+        edge and gain nothing (e.g. an Add + Relu between Convs that bfloat16 keeps in float32).
+
+        The islands are the largest sets of light low-precision nodes whose edges to the rest of the graph
+        all carry float32: start from every light node with a float32 activation input and drop, until
+        nothing changes, any node that exchanges a low-precision value with a node outside the set.
+        """
+        island = set()
+        for node in graph:
+            if precision.get(id(node)) == LOW and node.op_type not in HEAVY_OPS:
+                if F32 in {produced(v) for v in node.inputs if v is not None}:
+                    island.add(id(node))
+        changed = True
+        while changed:
+            changed = False
+            for node in graph:
+                if id(node) not in island:
+                    continue
+                inside = True
+                for v in node.inputs:
+                    if v is None or produced(v) != LOW:
+                        continue
+                    p = v.producer()
+                    inside &= p is not None and id(p) in island
+                for out in node.outputs:
+                    if not _is_float32(out):
+                        continue
+                    if out.is_graph_output() and io == LOW:
+                        inside = False
+                    for u in out.uses():
+                        if self._wants(u.node, u.idx, precision) == LOW and id(u.node) not in island:
+                            inside = False
+                if not inside:
+                    island.discard(id(node))
+                    changed = True
+        for node_id in island:
+            precision[node_id] = F32
 
     def _wants(self, node: ir.Node, index: int, precision: dict[int, str]) -> str | None:
         """The precision a consumer wants for its float input ``index`` (None: either is fine)."""
@@ -338,10 +393,10 @@ class Fp16Pass(GraphPass):
 
         # Graph inputs.
         for v in list(graph.inputs):
-            if _is_float32(v) and not v.is_initializer():
-                if io == LOW:
+            if _is_float32(v):
+                if io == LOW and not v.is_initializer():
                     v.dtype = self.low_dtype
-                connect(v, io)
+                connect(v, F32 if v.is_initializer() else io)
 
         # Initializers: converted when a low-precision consumer reads them; float32-only ones per policy.
         for name, v in list(graph.initializers.items()):
@@ -423,11 +478,12 @@ class Fp16Pass(GraphPass):
                 graph.remove(first, safe=True)
 
     # -- reporting -----------------------------------------------------------------------------------------
-    def _report(self, graph: ir.Graph, precision: dict[int, str], reasons: dict[str, Counter[str]],
-                provider: str, n_casts: int) -> None:
+    def _report(self, graph: ir.Graph, reasons: dict[str, Counter[str]], provider: str) -> None:
+        """Counts are of nodes with a float output; integer-only nodes (shape arithmetic) are not counted."""
         nodes = [n for n in graph if id(n) not in self.inserted]
         casts_left = sum(1 for n in graph if id(n) in self.inserted)
-        low = sum(1 for n in nodes if precision.get(id(n)) == LOW)
+        low = sum(1 for n in nodes if any(o.dtype == self.low_dtype for o in n.outputs))
+        float32 = sum(1 for n in nodes if any(o.dtype == FLOAT for o in n.outputs))
         if self.clamped:
             logger.warning("fp16: %d initializer(s) outside the float16 range were clamped to +-%g: %s",
                            len(self.clamped), FP16_MAX, ", ".join(str(c["name"]) for c in self.clamped))
@@ -438,7 +494,7 @@ class Fp16Pass(GraphPass):
             "dtype": self.dtype_name,
             "provider_policy": provider,
             "nodes_low_precision": low,
-            "nodes_float32": len(nodes) - low,
+            "nodes_float32": float32,
             "casts_inserted": casts_left,
             "kept_float32": [{"reason": r, "op": op, "nodes": n}
                              for r, ops in sorted(reasons.items()) for op, n in sorted(ops.items())],
