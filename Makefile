@@ -7,7 +7,7 @@ STAMP := $(VENV)/.graphopt-installed
 MODELS := models/build/.built
 PYTEST_WORKERS ?= 2
 
-.PHONY: all venv models demo test bench clean
+.PHONY: all venv models demo test bench clean train-env
 
 all: test
 
@@ -33,10 +33,13 @@ demo: $(MODELS)
 	  --max-accuracy-drop 0.5 --latency-batch 1,8 \
 	  -o out/digits_cnn.opt.onnx --report out/digits_cnn.report.json --html out/digits_cnn.report.html
 
-test: $(MODELS)
+train-env: $(STAMP)
+	$(VENV)/bin/graphopt setup-train
+
+test: $(MODELS) train-env
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
-bench: $(MODELS)
+bench: $(MODELS) train-env
 	for b in quant_vs_ort prune distill partition lowrank fp16 tune; do test -f benchmarks/$$b.py && $(PY) benchmarks/$$b.py || exit 1; done
 	$(PY) benchmarks/collect.py
 

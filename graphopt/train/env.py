@@ -117,7 +117,6 @@ def _base_python(explicit: str | None) -> str:
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """Serialise setups of one environment (parallel test workers may all ask for it at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         try:
             import fcntl
@@ -146,12 +145,16 @@ def setup_env(env_dir: Path | None = None, *, python: str | None = None, force: 
               say: Callable[[str], None] = logger.info) -> Path:
     """Create (or complete) the training environment; fast no-op when it is already ready. Returns its folder."""
     env_dir = (env_dir or default_env_dir()).absolute()
-    with _lock(env_dir.parent / f".{env_dir.name}.lock"):
+    env_dir.mkdir(parents=True, exist_ok=True)
+    lock = env_dir / ".graphopt-setup.lock"
+    with _lock(lock):
         if env_is_ready(env_dir) and not force:
             return env_dir
-        if force and env_dir.exists():
-            shutil.rmtree(env_dir)
-        log = env_dir.parent / f".{env_dir.name}-setup.log"
+        if force:
+            for child in env_dir.iterdir():
+                if child != lock:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        log = env_dir / ".graphopt-setup.log"
         log.write_text("")
         py = env_python(env_dir)
         if not py.is_file():

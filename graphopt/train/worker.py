@@ -34,7 +34,7 @@ else:  # run as a script in the training environment: import the siblings direct
 PREFIX = "@@graphopt "
 JOB_VERSION = 1
 #: Job fields that must not change between a run and its ``resume`` (they shape the graphs or the data).
-SIGNATURE_FIELDS = ("kinds", "requires_grad", "use_labels", "rows")
+SIGNATURE_FIELDS = ("kinds", "requires_grad", "use_labels", "rows", "fingerprint")
 SIGNATURE_OPTIONS = ("temperature", "alpha", "optimizer", "weight_decay", "batch_size", "seed", "val_split",
                      "drop_last")
 
@@ -230,6 +230,7 @@ def run_job(job_path: Path, emit: Emit) -> dict[str, Any]:  # noqa: C901  (the t
     if resume:
         start_epoch = int(state.properties["graphopt_epoch"])
         saved = json.loads(str(state.properties["graphopt_state"]))
+        saved.update(stopped=None, bad_epochs=0)  # resuming asks for more training: patience starts again
     emit({"event": "start", "epochs": epochs, "start_epoch": start_epoch, "steps_per_epoch": steps_per_epoch,
           "train_samples": int(len(train_idx)), "val_samples": int(len(val_idx))})
     history: dict[str, list[Any]] = saved["history"]
@@ -344,15 +345,59 @@ def _evaluate_job(job: dict[str, Any], base: Path, data: Data, module: Any) -> d
             outputs[name].append(np.asarray(value).reshape(np.shape(value)))
     arrays = {f"out_{i}": np.concatenate(v) if v[0].ndim else np.asarray(v) for i, v in enumerate(outputs.values())}
     np.savez(base / "evaluate.npz", loss=np.asarray(losses), batch_sizes=np.asarray(sizes), **arrays)
-    result = {"outputs": list(outputs), "file": "evaluate.npz"}
+    result = {"outputs": list(outputs), "file": str((base / "evaluate.npz").resolve())}
     (base / job["result"]).write_text(json.dumps(result) + "\n")
     return result
+
+
+def fast_import_training_api() -> None:
+    """Import onnxruntime's training API without torch (5-10 s of a worker's start otherwise).
+
+    ``import onnxruntime`` in the training build probes ``onnxruntime.training.ortmodule`` (torch), and
+    ``onnxruntime.training``'s own ``__init__`` and ``artifacts`` pull in torch through ``amp``, ``optim`` and
+    ``onnxruntime.tools``. The worker needs none of these: it uses ``api``, ``onnxblock`` and
+    ``artifacts.generate_artifacts`` (without ORT-format export). So the packages are entered without
+    running their ``__init__``; if that ever fails, the normal (slow) import is used.
+    """
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        return
+    root = Path(spec.origin).parent
+    training = types.ModuleType("onnxruntime.training")
+    training.__path__ = [str(root / "training")]
+    tools = types.ModuleType("onnxruntime.tools")
+    tools.__path__ = [str(root / "tools")]
+    convert = types.ModuleType("onnxruntime.tools.convert_onnx_models_to_ort")
+
+    class OptimizationStyle:  # what artifacts.py imports; only used for ORT-format export
+        Fixed = 0
+        Runtime = 1
+
+    def convert_onnx_models_to_ort(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("ORT-format export is not available in graphopt's training worker")
+
+    convert.OptimizationStyle = OptimizationStyle  # type: ignore[attr-defined]
+    convert.convert_onnx_models_to_ort = convert_onnx_models_to_ort  # type: ignore[attr-defined]
+    stubs = {"onnxruntime.training": training, "onnxruntime.training.ortmodule": None,
+             "onnxruntime.tools": tools, "onnxruntime.tools.convert_onnx_models_to_ort": convert}
+    sys.modules.update(stubs)  # type: ignore[arg-type]
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxruntime.training.api  # noqa: F401
+        import onnxruntime.training.artifacts  # noqa: F401
+    except Exception:  # noqa: BLE001  (fall back to the ordinary import)
+        for name in [n for n in sys.modules if n == "onnxruntime" or n.startswith("onnxruntime.")]:
+            del sys.modules[name]
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         sys.stderr.write("usage: worker.py JOB.json\n")
         return 2
+    fast_import_training_api()
     try:
         run_job(Path(argv[0]), emit_stdout)
         return 0
