@@ -7,7 +7,7 @@ STAMP := $(VENV)/.graphopt-installed
 MODELS := models/build/.built
 PYTEST_WORKERS ?= 2
 
-.PHONY: all venv models demo test bench clean train-env
+.PHONY: all venv models demo test bench clean train-env test-tf
 
 all: test
 
@@ -33,10 +33,23 @@ demo: $(MODELS)
 	  --max-accuracy-drop 0.5 --latency-batch 1,8 \
 	  -o out/digits_cnn.opt.onnx --report out/digits_cnn.report.json --html out/digits_cnn.report.html
 
+# TensorFlow (tensorflow-cpu + tf2onnx, ~1.8 GB) lives in its own environment so the main one stays small.
+VENV_TF := .venv-tf
+STAMP_TF := $(VENV_TF)/.graphopt-installed
+
+$(STAMP_TF): pyproject.toml
+	test -x $(VENV_TF)/bin/python || $(PYTHON) -m venv $(VENV_TF)
+	$(VENV_TF)/bin/python -m pip install -q --upgrade pip
+	$(VENV_TF)/bin/python -m pip install -q -e '.[tf]' pytest
+	touch $@
+
+test-tf: $(STAMP_TF) $(MODELS)
+	$(VENV_TF)/bin/python -m pytest -q tests/test_export_tf.py
+
 train-env: $(STAMP)
 	$(VENV)/bin/graphopt setup-train
 
-test: $(MODELS) train-env
+test: $(MODELS) train-env test-tf
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
 bench: $(MODELS) train-env

@@ -115,10 +115,10 @@ def save_candidate(model: ir.Model, path: Path) -> Path:
         return path
     if path.is_dir():
         raise UserError(f"output path {path} is a directory; give a file name (only `partition` writes a folder)")
-    save_model(model, path)
     tune = _optional("graphopt.tune")
-    if tune is not None:
+    if tune is not None:  # first: the settings go to MODEL.ort.json, not into the saved model
         tune.write_settings_from_metadata(model, path)
+    save_model(model, path)
     return path
 
 
@@ -130,7 +130,7 @@ def release_weights(model: ir.Model) -> None:
                 value.const_value.release()
 
 
-def make_runner(path: Path, provider: str, sessions: SessionFactory) -> Any:
+def make_runner(path: Path, provider: str, sessions: SessionFactory, batch: int | None = None) -> Any:
     """A runner for a candidate: an ORT session, or the stitched stages of a partitioned model."""
     if path.is_dir() and (path / "manifest.json").is_file():
         stages = _optional("graphopt.stages")
@@ -139,7 +139,7 @@ def make_runner(path: Path, provider: str, sessions: SessionFactory) -> Any:
         from graphopt.runtime import short_name
 
         return stages.StagePipeline.from_dir(path, devices=[short_name(provider)], session_factory=sessions)
-    return Runner(sessions.session(path, provider, settings=tuned_settings(path, provider)))
+    return Runner(sessions.session(path, provider, settings=tuned_settings(path, provider, batch)))
 
 
 def tuned_settings(path: Path, provider: str, batch: int | None = None) -> Any:
@@ -196,8 +196,8 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
     # Models whose weights do not fit in memory twice are run one session at a time.
     sequential = ref_size + cand_size > SEQUENTIAL_VALIDATION_BYTES
 
-    def make(path: Path, provider: str) -> Any:
-        return lambda: make_runner(path, provider, sessions)
+    def make(path: Path, provider: str, batch: int | None = None) -> Any:
+        return lambda: make_runner(path, provider, sessions, batch)
 
     if sequential:
         spill = Path(tempfile.mkdtemp(prefix="graphopt-spill-", dir=sessions.work_dir))
@@ -218,11 +218,11 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
                 for b in latency_batches:
                     inputs = latency_inputs(data, specs, b)
                     if sequential:
-                        latencies.append(measure_latency_sequential(make(reference, provider),
-                                                                    make(candidate, provider), inputs))
+                        latencies.append(measure_latency_sequential(make(reference, provider, b),
+                                                                    make(candidate, provider, b), inputs))
                     else:
-                        latencies.append(measure_latency(make_runner(reference, provider, sessions),
-                                                         make_runner(candidate, provider, sessions), inputs))
+                        latencies.append(measure_latency(make_runner(reference, provider, sessions, b),
+                                                         make_runner(candidate, provider, sessions, b), inputs))
                     task.advance()
     report.data["validation"] = {
         "data": data.description,
@@ -363,8 +363,8 @@ def bench_model(model: str | os.PathLike, data: Any = None, *, providers: Sequen
     rows = []
     with progress.task("benchmarking", total=len(resolved) * len(batches)) as task:
         for provider in resolved:
-            runner = Runner(sessions.session(model, provider, settings=tuned_settings(Path(model), provider)))
-            for b in batches:
+            for b in batches:  # MODEL.ort.json may hold different settings per batch size
+                runner = Runner(sessions.session(model, provider, settings=tuned_settings(Path(model), provider, b)))
                 (timing,) = time_interleaved([runner], latency_inputs(source, specs, b), repeat=repeat)
                 rows.append({"provider": provider, "batch": b, **dataclasses.asdict(timing),
                              "samples_per_s": 1000.0 * b / timing.p50_ms})
