@@ -130,15 +130,24 @@ def release_weights(model: ir.Model) -> None:
                 value.const_value.release()
 
 
-def make_runner(path: Path, provider: str, sessions: SessionFactory, batch: int | None = None) -> Any:
-    """A runner for a candidate: an ORT session, or the stitched stages of a partitioned model."""
-    if path.is_dir() and (path / "manifest.json").is_file():
+def make_runner(path: Path, provider: str, sessions: SessionFactory, batch: int | None = None, *,
+                backend: str = "threads", replicas: int = 1) -> Any:
+    """A runner for a model: an ORT session, the stitched stages of a partitioned model, or (``backend="ray"``)
+    Ray actors, ``replicas`` of them sharing each batch (data-parallel evaluation)."""
+    from graphopt.runtime import short_name
+
+    is_stage_dir = path.is_dir() and (path / "manifest.json").is_file()
+    if is_stage_dir or backend == "ray":
         stages = _optional("graphopt.stages")
         if stages is None:
-            raise UserError(f"{path} is a partitioned model, but this graphopt build has no stage runner")
-        from graphopt.runtime import short_name
-
-        return stages.StagePipeline.from_dir(path, devices=[short_name(provider)], session_factory=sessions)
+            raise UserError(f"{path}: this graphopt build has no stage runner")
+        if is_stage_dir:
+            return stages.StagePipeline.from_dir(path, devices=[short_name(provider)], session_factory=sessions,
+                                                 backend=backend, replicas=replicas)
+        return stages.StagePipeline.from_model(path, device=short_name(provider), backend="ray",
+                                               replicas=replicas, session_factory=sessions)
+    if replicas != 1:
+        raise UserError("--replicas needs --backend ray")
     return Runner(sessions.session(path, provider, settings=tuned_settings(path, provider, batch)))
 
 
@@ -187,7 +196,7 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
                    sessions: SessionFactory, providers: Sequence[str], latency_batches: Sequence[int],
                    batch_size: int, eval_samples: int, max_accuracy_drop: float | None,
                    max_latency_ratio: float | None, progress: ProgressReporter,
-                   measure_speed: bool = True) -> None:
+                   measure_speed: bool = True, backend: str = "threads", replicas: int = 1) -> None:
     """Fill ``report`` with agreement, latency, size and gates of ``candidate`` against ``reference``."""
     ref_model = load_model(reference)
     specs = input_specs(ref_model)
@@ -195,9 +204,13 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
     ref_size, cand_size = model_file_size(reference), model_file_size(candidate)
     # Models whose weights do not fit in memory twice are run one session at a time.
     sequential = ref_size + cand_size > SEQUENTIAL_VALIDATION_BYTES
+    sequential |= backend == "ray"  # each model's actors take the cluster's CPUs in turn
+
+    def runner(path: Path, provider: str, batch: int | None = None) -> Any:
+        return make_runner(path, provider, sessions, batch, backend=backend, replicas=replicas)
 
     def make(path: Path, provider: str, batch: int | None = None) -> Any:
-        return lambda: make_runner(path, provider, sessions, batch)
+        return lambda: runner(path, provider, batch)
 
     if sequential:
         spill = Path(tempfile.mkdtemp(prefix="graphopt-spill-", dir=sessions.work_dir))
@@ -205,9 +218,9 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
                                        spill, batch_size=batch_size, limit=eval_samples, progress=progress)
         shutil.rmtree(spill, ignore_errors=True)
     else:
-        cand_runner = make_runner(candidate, providers[0], sessions)
+        cand_runner = runner(candidate, providers[0])
         try:
-            agreement = compare(make_runner(reference, providers[0], sessions), cand_runner, data, specs,
+            agreement = compare(runner(reference, providers[0]), cand_runner, data, specs,
                                 batch_size=batch_size, limit=eval_samples, progress=progress)
         finally:
             getattr(cand_runner, "close", lambda: None)()
@@ -221,8 +234,8 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
                         latencies.append(measure_latency_sequential(make(reference, provider, b),
                                                                     make(candidate, provider, b), inputs))
                     else:
-                        latencies.append(measure_latency(make_runner(reference, provider, sessions, b),
-                                                         make_runner(candidate, provider, sessions, b), inputs))
+                        latencies.append(measure_latency(runner(reference, provider, b),
+                                                         runner(candidate, provider, b), inputs))
                     task.advance()
     report.data["validation"] = {
         "data": data.description,
@@ -322,8 +335,12 @@ def validate_models(reference: str | os.PathLike, candidate: str | os.PathLike, 
                     max_latency_ratio: float | None = None, latency_batches: Sequence[int] = (1,),
                     shapes: Mapping[str, tuple[int, ...]] | None = None, batch_size: int = 32,
                     eval_samples: int = 1000, seed: int = 0, measure_speed: bool = True,
+                    backend: str = "threads", replicas: int = 1,
                     progress: ProgressReporter | None = None, command: str | None = None) -> Report:
-    """Validate an existing candidate against its reference (``graphopt validate``)."""
+    """Validate an existing candidate against its reference (``graphopt validate``).
+
+    ``backend="ray"`` runs both models as Ray actors, ``replicas`` of each sharing every batch, so a Ray
+    cluster spreads the evaluation over its machines."""
     progress = progress or NullProgress()
     report = Report.new(command or "validate")
     resolved = resolve_providers(providers)
@@ -344,7 +361,7 @@ def validate_models(reference: str | os.PathLike, candidate: str | os.PathLike, 
                        sessions=SessionFactory(work_dir=Path(wd)), providers=resolved,
                        latency_batches=latency_batches, batch_size=batch_size, eval_samples=eval_samples,
                        max_accuracy_drop=max_accuracy_drop, max_latency_ratio=max_latency_ratio,
-                       progress=progress, measure_speed=measure_speed)
+                       progress=progress, measure_speed=measure_speed, backend=backend, replicas=replicas)
     return report
 
 

@@ -309,6 +309,8 @@ def validate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size for comparison.", min=1)] = 32,
     eval_samples: Annotated[int, typer.Option("--eval-samples", help="Most samples compared.", min=1)] = 1000,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Compare outputs only.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="threads (in this process) or ray (actors; a Ray cluster places them; needs graphopt[ray]).")] = "threads",
+    replicas: Annotated[int, typer.Option("--replicas", help="With --backend ray: actors per model sharing each batch (data-parallel).", min=1)] = 1,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the report as JSON.")] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Write the report as HTML.")] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Write the report as Markdown tables.")] = None,
@@ -322,7 +324,8 @@ def validate(
                               max_accuracy_drop=max_accuracy_drop, max_latency_ratio=max_latency_ratio,
                               latency_batches=_ints(latency_batch, "--latency-batch") if latency_batch else [1],
                               shapes=_shapes(shape), batch_size=batch_size, eval_samples=eval_samples,
-                              measure_speed=not no_latency, progress=RichProgress(not quiet),
+                              measure_speed=not no_latency, backend=backend, replicas=replicas,
+                              progress=RichProgress(not quiet),
                               command="graphopt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         if not quiet:
             _print_report(rep.data)

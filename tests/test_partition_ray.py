@@ -75,3 +75,18 @@ def test_ray_replicas_data_parallel(local_ray, models_dir):
         close_enough(ort_outputs(models_dir / "digits_cnn.onnx", inputs), pipe.run(inputs))
         assert pipe.stage_stats()[0]["items"] == 2  # two shards of 25, one per replica
     assert _cpus_back(local_ray, 4)
+
+
+def test_validate_with_ray_backend_data_parallel(cli, models_dir, tmp_path):
+    """`graphopt validate --backend ray --replicas 2`: both models as Ray actors sharing each batch."""
+    import json
+
+    out = tmp_path / "c.onnx"
+    assert cli("run", models_dir / "digits_mlp.onnx", "--passes", "cleanup", "-o", out, "--no-validate",
+               "-q").returncode == 0
+    proc = cli("validate", models_dir / "digits_mlp.onnx", out, "--data", models_dir / "digits_mlp_test.npz",
+               "--backend", "ray", "--replicas", "2", "--no-latency", "--report", tmp_path / "v.json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    agreement = json.loads((tmp_path / "v.json").read_text())["validation"]["agreement"]
+    assert agreement["samples"] == 540 and agreement["max_abs_diff"] < 1e-5
+    assert agreement["candidate_accuracy"] == agreement["reference_accuracy"] > 0.95
