@@ -1,0 +1,218 @@
+"""Calibrators (graphopt.calibrate) against numpy references on known distributions.
+
+Each range method is checked against an independent computation on the raw samples (np.quantile, a
+loop implementation of the KL search, a brute-force MSE search), and streaming batch by batch must give
+exactly the histogram and ranges that one pass over all the data gives. The ORT collector is checked on
+a tiny model the same way (streamed == one-shot, min/max exact, NaN named).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt import calibrate
+from graphopt.calibrate import Histogram, QuantSpec, TensorStats
+from graphopt.data import ArraySource
+from graphopt.errors import UserError
+from graphopt.runtime import SessionFactory
+
+U8 = QuantSpec.for_type("uint8")
+S8 = QuantSpec.for_type("int8", symmetric=True)
+
+
+def _distributions() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    normal = rng.standard_normal(200_000).astype(np.float32)
+    with_outliers = np.concatenate([normal, rng.standard_normal(20).astype(np.float32) * 40])
+    return {
+        "normal": normal,
+        "uniform": rng.uniform(-3, 5, 100_000).astype(np.float32),
+        "relu": np.maximum(normal * 2.5, 0),
+        "exponential": rng.exponential(1.5, 100_000).astype(np.float32),
+        "laplace_outliers": with_outliers,
+        "skewed": np.concatenate([rng.standard_normal(50_000) * 0.2 - 0.5,
+                                  rng.exponential(3.0, 50_000)]).astype(np.float32),
+    }
+
+
+def _stats(x: np.ndarray, bins: int = 2048, parts: int = 1) -> TensorStats:
+    st = TensorStats("x", hist=Histogram(bins))
+    for chunk in np.array_split(x, parts):
+        st.update(chunk)
+    return st
+
+
+@pytest.mark.parametrize("name", list(_distributions()))
+def test_streamed_equals_one_shot(name: str) -> None:
+    x = _distributions()[name]
+    # Batches with growing ranges force the histogram to double its width several times.
+    order = np.argsort(np.abs(x), kind="stable")
+    streamed = _stats(x[order], parts=7)
+    one_shot = _stats(x)
+    assert streamed.hist.exp == one_shot.hist.exp
+    np.testing.assert_array_equal(streamed.hist.counts, one_shot.hist.counts)
+    assert (streamed.min, streamed.max, streamed.count) == (one_shot.min, one_shot.max, one_shot.count)
+    for method in calibrate.METHODS:
+        for spec in (U8, S8):
+            assert calibrate.compute_range(streamed, method, spec, 99.9) == \
+                calibrate.compute_range(one_shot, method, spec, 99.9)
+
+
+@pytest.mark.parametrize("name", list(_distributions()))
+def test_minmax_and_histogram_totals(name: str) -> None:
+    x = _distributions()[name]
+    st = _stats(x, parts=3)
+    assert calibrate.minmax_range(st) == (float(x.min()), float(x.max()))
+    assert st.hist.counts.sum() == x.size
+    # Every value lies in the bin the grid says: recount with numpy's histogram on the same edges.
+    w, b = st.hist.width, st.hist.bins
+    edges = (np.arange(2 * b + 1) - b) * w
+    ref, _ = np.histogram(x.astype(np.float64), bins=edges)
+    np.testing.assert_array_equal(st.hist.counts, ref)
+
+
+@pytest.mark.parametrize("name", list(_distributions()))
+@pytest.mark.parametrize("percentile", [99.0, 99.99])
+def test_percentile_against_numpy(name: str, percentile: float) -> None:
+    x = _distributions()[name]
+    st = _stats(x, parts=4)
+    w = st.hist.width
+    cut = (100 - percentile) / 200
+    q_lo, q_hi = np.quantile(x.astype(np.float64), [cut, 1 - cut])
+    lo, hi = calibrate.percentile_range(st, percentile)
+    # Thresholds are bin edges just outside the exact quantiles (clipped to the data's range).
+    assert q_hi - 1e-9 <= hi <= q_hi + w + 1e-9
+    assert q_lo - w - 1e-9 <= lo <= q_lo + 1e-9
+    t_ref = np.quantile(np.abs(x.astype(np.float64)), percentile / 100)
+    lo_s, hi_s = calibrate.percentile_range(st, percentile, symmetric=True)
+    t = max(-lo_s, hi_s)
+    assert t_ref - 1e-9 <= t <= t_ref + w + 1e-9 or t == max(-st.min, st.max)
+
+
+def _kl_reference(fold: np.ndarray, levels: int) -> int:
+    """The KL threshold search written plainly, one candidate at a time (slow; the spec)."""
+    nz = np.flatnonzero(fold)
+    used = int(nz[-1]) + 1
+    if used <= levels:
+        return used
+    f = fold[:used].astype(np.float64)
+    best, best_kl = used, math.inf
+    for i in range(levels, used + 1):
+        p = f[:i].copy()
+        p[-1] += f[i:].sum()
+        q = np.zeros(i)
+        for g in range(levels):
+            start, end = g * i // levels, (g + 1) * i // levels
+            mass = f[start:end].sum()
+            nonzero = p[start:end] > 0
+            if nonzero.any():
+                q[start:end][nonzero] = mass / nonzero.sum()
+        if np.any((p > 0) & (q == 0)):
+            continue
+        pn, qn = p / p.sum(), q / q.sum()
+        mask = pn > 0
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask])))
+        if kl < best_kl - 1e-12:
+            best, best_kl = i, kl
+    return best
+
+
+@pytest.mark.parametrize("name", ["normal", "relu", "laplace_outliers", "exponential"])
+@pytest.mark.parametrize("levels", [128, 255])
+def test_entropy_against_reference(name: str, levels: int) -> None:
+    st = _stats(_distributions()[name], bins=1024, parts=3)
+    fold = st.hist.folded()
+    assert calibrate.entropy_kept_bins(fold, levels) == _kl_reference(fold, levels)
+    if name == "laplace_outliers":
+        lo, hi = calibrate.entropy_range(st, S8)
+        bulk = float(np.quantile(np.abs(_distributions()["normal"]), 0.999))
+        assert bulk < hi < 0.5 * max(-st.min, st.max)  # keeps the bulk, clips the 40-sigma outliers
+
+
+def _true_mse(x: np.ndarray, lo: float, hi: float, spec: QuantSpec) -> float:
+    scale, zp = calibrate.quant_params(lo, hi, spec)
+    q = np.clip(np.round(x / scale) + zp, spec.qmin, spec.qmax)
+    return float(np.mean(((q - zp) * scale - x) ** 2))
+
+
+@pytest.mark.parametrize("name", ["normal", "relu", "laplace_outliers", "skewed"])
+@pytest.mark.parametrize("spec", [U8, S8], ids=["uint8", "int8sym"])
+def test_mse_against_brute_force(name: str, spec: QuantSpec) -> None:
+    x = _distributions()[name].astype(np.float64)
+    st = _stats(x.astype(np.float32), parts=2)
+    lo, hi = calibrate.mse_range(st, spec)
+    absmax = max(-st.min, st.max)
+    best = min(_true_mse(x, max(st.min, -t), min(st.max, t), spec)
+               for t in absmax * np.arange(1, 129) / 128)
+    assert _true_mse(x, lo, hi, spec) <= best * 1.03 + 1e-12
+
+
+def test_quant_params_conventions() -> None:
+    assert calibrate.quant_params(0.0, 6.0, U8) == (pytest.approx(6 / 255), 0)  # Relu range: zero point 0
+    scale, zp = calibrate.quant_params(-1.0, 3.0, U8)
+    assert zp == round(1.0 / scale) and scale == pytest.approx(4 / 255)
+    scale, zp = calibrate.quant_params(-2.0, 0.5, S8)
+    assert zp == 0 and scale == pytest.approx(2 / 127)
+    assert calibrate.quant_params(1.0, 2.0, U8)[1] == 0  # the range always contains 0
+    assert calibrate.quant_params(0.0, 0.0, U8) == (1.0, 0)
+
+
+# --- the ORT collector ---------------------------------------------------------------------------------
+
+def _tiny_model(log: bool = False) -> ir.Model:
+    rng = np.random.default_rng(1)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["conv"], ["relu"], name="relu")]
+    if log:
+        nodes.append(helper.make_node("Log", ["conv"], ["log"], name="log"))
+        nodes.append(helper.make_node("Add", ["relu", "log"], ["y"], name="add"))
+    else:
+        nodes.append(helper.make_node("Identity", ["relu"], ["y"], name="id"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto = onnx.shape_inference.infer_shapes(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("histogram", [False, True])
+def test_collect_streams_like_one_shot(tmp_path, histogram: bool) -> None:
+    model = _tiny_model()
+    x = np.random.default_rng(2).standard_normal((40, 3, 6, 6)).astype(np.float32)
+    names = ["x", "conv", "relu"]
+    sessions = SessionFactory(work_dir=tmp_path)
+    small = calibrate.collect(model, names, ArraySource({"x": x}), sessions, histogram=histogram, bins=256,
+                              batch_size=3, work_dir=tmp_path)
+    whole = calibrate.collect(model, names, ArraySource({"x": x}), sessions, histogram=histogram, bins=256,
+                              batch_size=40)
+    assert small.batches == 14 and whole.batches == 1 and small.samples == whole.samples == 40
+    for name in names:
+        a, b = small.stats[name], whole.stats[name]
+        assert (a.min, a.max) == (b.min, b.max)
+        if histogram:
+            np.testing.assert_array_equal(a.hist.counts, b.hist.counts)
+    assert small.stats["x"].min == float(x.min()) and small.stats["relu"].min == 0.0
+    # max_batches stops early
+    two = calibrate.collect(model, names, ArraySource({"x": x}), sessions, histogram=False, batch_size=3,
+                            max_batches=2)
+    assert two.batches == 2 and two.samples == 6
+
+
+def test_collect_names_nonfinite_tensor(tmp_path) -> None:
+    model = _tiny_model(log=True)
+    x = np.random.default_rng(3).standard_normal((8, 3, 6, 6)).astype(np.float32)
+    with pytest.raises(UserError, match="'log'.*NaN or Inf"):
+        calibrate.collect(model, ["conv", "log"], ArraySource({"x": x}), SessionFactory(work_dir=tmp_path),
+                          histogram=False, batch_size=4)
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(UserError, match="'x'"):
+        calibrate.collect(model, ["x"], ArraySource({"x": bad}), SessionFactory(work_dir=tmp_path),
+                          histogram=True, batch_size=4)
