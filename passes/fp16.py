@@ -34,6 +34,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from graphopt.errors import UserError
+from graphopt.names import UniqueNames
 from graphopt.options import opt
 from graphopt.registry import GraphPass, Tolerance, register
 
@@ -173,22 +174,6 @@ def to_low_precision(array: np.ndarray, bf16: bool) -> tuple[np.ndarray, int, in
     return low, clamped, int(np.count_nonzero((low == 0) & (array != 0)))
 
 
-class _Names:
-    """Unique value/node names for what the pass adds (the graph may already use the obvious ones)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            self.used.add(node.name or "")
-            self.used.update(o.name or "" for o in node.outputs)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
 
 
 @register
@@ -217,7 +202,7 @@ class Fp16Pass(GraphPass):
         ShapeInferencePass(check_type=False, strict_mode=False)(model)
 
         graph = model.graph
-        self.names = _Names(graph)
+        self.names = UniqueNames(graph)
         self.inserted: set[int] = set()  # id() of Casts this pass added
         self.clamped: list[dict[str, object]] = []
         self.underflow = 0

@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from graphopt.data import input_specs
 from graphopt.errors import UserError
+from graphopt.names import UniqueNames
 from graphopt.options import opt
 from graphopt.registry import GraphPass, Tolerance, register
 
@@ -134,20 +135,6 @@ _SMALL_MATRIX = 1 << 20
 _MAX_ROWS = 2048
 
 
-class _Names:
-    def __init__(self, graph: ir.Graph) -> None:
-        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            self.used.add(node.name or "")
-            self.used.update(o.name or "" for o in node.outputs)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
 
 
 def _static_positions(shape: ir.Shape | None, drop_last: bool) -> int | None:
@@ -192,7 +179,7 @@ class LowrankPass(GraphPass):
 
         if plans and o.error_samples:
             self._measure_output_error(model, plans)
-        names = _Names(graph)
+        names = UniqueNames(graph)
         for cand, a, b, row in plans:
             self._replace(graph, cand, a, b, names)
             layers.append(row)

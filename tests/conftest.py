@@ -47,3 +47,16 @@ def load_npz(path: Path, n: int | None = None) -> tuple[dict[str, np.ndarray], n
     with np.load(path) as z:
         labels = z["labels"][:n] if "labels" in z.files else None
         return {k: z[k][:n] for k in z.files if k != "labels"}, labels
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], out: Path | None, *needles: str) -> None:
+    """A user error as the CLI must report it: exit 2, one line starting 'error: ', no traceback, no output."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(".graphopt-*"))

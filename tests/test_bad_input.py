@@ -10,23 +10,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+
+from conftest import assert_user_error
 from typer.testing import CliRunner
 
 import graphopt
 from graphopt.errors import GateFailed
 from graphopt.registry import GraphPass, _REGISTRY, register
-
-
-def assert_user_error(proc, out: Path | None, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    if out is not None:
-        assert not out.exists()
-        assert not list(out.parent.glob(".graphopt-*"))
 
 
 def _digits(models_dir: Path) -> Path:

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import REFERENCE_MODELS, load_npz, ort_outputs
+from conftest import assert_user_error, REFERENCE_MODELS, load_npz, ort_outputs
 from graphopt import options as options_mod
 from graphopt.context import PassContext
 from graphopt.errors import UserError
@@ -279,17 +279,6 @@ def test_real_ort_error_and_data_error_and_early_stop(models_dir, tmp_path):
         close_enough(ref, next(stream))
         stream.close()  # the caller stops early: the rest drains
         close_enough(ref, pipe.run(inputs))  # and the pipeline still works
-
-
-def assert_user_error(proc, out: Path | None, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    if out is not None:
-        assert not out.exists()
 
 
 def test_bad_options_exit_2(cli, models_dir, tmp_path):
