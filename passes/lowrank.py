@@ -327,7 +327,7 @@ class LowrankPass(GraphPass):
         return x.reshape(-1, x.shape[-1])
 
     # -- rewriting -----------------------------------------------------------------------------------------
-    def _replace(self, graph: ir.Graph, cand: Candidate, a: np.ndarray, b: np.ndarray, names: _Names) -> None:
+    def _replace(self, graph: ir.Graph, cand: Candidate, a: np.ndarray, b: np.ndarray, names: UniqueNames) -> None:
         node, w = cand.node, cand.weight
         dtype = w.const_value.dtype
         np_dtype = w.const_value.numpy().dtype
