@@ -461,7 +461,7 @@ def collect(model: ir.Model, names: Sequence[str], data: DataSource, sessions: S
                                            enable_cpu_mem_arena=False, optimized_model_path=None)
             if work_dir is not None and weight_bytes(clone) > (16 << 20):  # ORT maps the weights, no copy
                 path = Path(work_dir) / f"calibration-{id(clone)}.onnx"
-                save_model(clone, path, external_data=True)
+                save_model(clone, path, external_data=True)  # unmaps what it wrote as it goes
                 session = sessions.session(path, provider, settings)
             else:
                 session = sessions.session(clone, provider, settings)

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import onnx
 import onnx_ir as ir
@@ -189,7 +189,18 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     try:
         tmp_model = tmp_dir / path.name
         if external_data:
-            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+            written: list[ir.TensorProtocol] = []
+
+            def unmap_previous(tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+                # Called before each tensor is written: the one before it is on disk, so its mapped pages
+                # can leave this process (it maps again if used later). Keeps saving a model larger than
+                # memory at one tensor's worth of resident weights.
+                if written and isinstance(written[-1], ir.ExternalTensor):
+                    written[-1].release()
+                written.append(tensor)
+
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024, callback=unmap_previous)
+            release_external(model)
         else:
             if has_external:
                 # Inline what was lazy, or the saved file would point at the input's data file.
@@ -201,6 +212,40 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def release_external(model: ir.Model) -> None:
+    """Unmap every external tensor (each maps again on its next use), so its pages leave this process."""
+    for tensor in _external_tensors(model):
+        tensor.release()
+
+
+class TensorSpill:
+    """Scratch file for weights a pass produces: each goes to disk as it is made and comes back as a lazy
+    external tensor, so a pass over a model larger than memory never holds all its new weights at once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="spill-", suffix=".data", dir=self.folder)
+        os.close(fd)
+        self.path = Path(name)
+        self.offset = 0
+
+    def put(self, array: Any, name: str) -> ir.ExternalTensor:
+        import numpy as np
+
+        array = np.ascontiguousarray(array)
+        with open(self.path, "ab") as fh:
+            array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(fh)
+        tensor = ir.ExternalTensor(self.path.name, self.offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+                                   shape=ir.Shape(array.shape), name=name, base_dir=str(self.folder))
+        self.offset += array.nbytes
+        return tensor
+
+
+#: Weights at least this large that a pass produces go through a TensorSpill (when the pass has a work dir).
+SPILL_MIN_BYTES = 64 << 20
 
 
 def model_to_bytes(model: ir.Model) -> bytes:

@@ -63,6 +63,23 @@ class GraphPass(ir.passes.InPlacePass):
         #: Set by a pass that produced its best model but missed its own target (e.g. quant's target_drop):
         #: the model is still written and the run exits 1 with this message.
         self.failure: str | None = None
+        self._spill: Any = None
+
+    def set_weight(self, value: ir.Value, array: Any) -> None:
+        """Give ``value`` new weights. Large ones are written to the run's scratch folder at once and kept as
+        lazy external tensors (see ``graphopt.model_io.TensorSpill``), and a memory-mapped original is
+        unmapped, so a pass over a model larger than memory holds about one tensor at a time."""
+        from graphopt.model_io import SPILL_MIN_BYTES, TensorSpill
+
+        old = value.const_value
+        if getattr(array, "nbytes", 0) >= SPILL_MIN_BYTES:
+            if self._spill is None:
+                self._spill = TensorSpill(self.context.work_dir)
+            value.const_value = self._spill.put(array, value.name or "")
+        else:
+            value.const_value = ir.tensor(array, name=value.name)
+        if isinstance(old, ir.ExternalTensor):
+            old.release()
 
 
 _REGISTRY: dict[str, type[GraphPass]] = {}

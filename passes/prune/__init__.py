@@ -113,10 +113,11 @@ class PrunePass(GraphPass):
                                         f"left dense: {why}"))
         raw, packed_before = gzip_size(model)
         if o.mode == "nm":
-            results = n_of_m(chosen, o.n, o.m)
+            results = n_of_m(chosen, o.n, o.m, store=self.set_weight)
             self.details["pattern"] = f"{o.n}:{o.m}"
         else:
-            results = unstructured(chosen, o.sparsity, o.allocation == "global") if o.sparsity > 0 else \
+            results = unstructured(chosen, o.sparsity, o.allocation == "global", store=self.set_weight) \
+                if o.sparsity > 0 else \
                 [LayerResult(layer, tuple(layer.weight.const_value.shape.numpy()), 0, 0) for layer in chosen]  # type: ignore[union-attr]
         _, packed_after = gzip_size(model)
         order = {id(layer): i for i, layer in enumerate(layers)}

@@ -104,5 +104,8 @@ def gzip_size(model: ir.Model, level: int = 6) -> tuple[int, int]:
             data = value.const_value.tobytes()
             raw += len(data)
             packed += len(comp.compress(data))
+            del data
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value.release()  # its pages leave this process; it maps again when used
     packed += len(comp.flush())
     return raw, packed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -37,12 +37,21 @@ class LayerResult:
 
 
 def smallest_mask(magnitude: np.ndarray, count: int) -> np.ndarray:
-    """Boolean mask of exactly ``count`` smallest entries (stable: earlier positions win ties)."""
+    """Boolean mask of exactly ``count`` smallest entries (stable: earlier positions win ties).
+
+    O(n): a partition finds the threshold, everything below it is in, and ties at the threshold are taken
+    in position order, which is what a stable sort would pick.
+    """
     flat = magnitude.reshape(-1)
-    mask = np.zeros(flat.shape, dtype=bool)
-    if count > 0:
-        order = np.argsort(flat, kind="stable")[:count]
-        mask[order] = True
+    if count <= 0:
+        return np.zeros(magnitude.shape, dtype=bool)
+    if count >= flat.size:
+        return np.ones(magnitude.shape, dtype=bool)
+    threshold = np.partition(flat, count - 1)[count - 1]
+    mask = flat < threshold
+    need = count - int(np.count_nonzero(mask))
+    if need > 0:
+        mask[np.flatnonzero(flat == threshold)[:need]] = True
     return mask.reshape(magnitude.shape)
 
 
@@ -50,26 +59,40 @@ def _set(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(array, name=value.name)
 
 
-def unstructured(layers: Sequence[Layer], sparsity: float, global_threshold: bool) -> list[LayerResult]:
-    """Zero the smallest-magnitude weights of each layer (or of all layers together)."""
-    arrays = [np.array(layer.weight.const_value.numpy()) for layer in layers]  # type: ignore[union-attr]
-    zeros_before = [int(np.count_nonzero(a == 0)) for a in arrays]
-    if global_threshold and arrays:
+def unstructured(layers: Sequence[Layer], sparsity: float, global_threshold: bool,
+                 store: Callable[[ir.Value, np.ndarray], None] = _set) -> list[LayerResult]:
+    """Zero the smallest-magnitude weights of each layer (or of all layers together).
+
+    Per-layer thresholds stream: one layer's weights are in memory at a time, and ``store`` (the pass's
+    ``set_weight``) writes each result away before the next is read. A global threshold needs every
+    magnitude at once.
+    """
+    if global_threshold and layers:
+        arrays = [np.array(layer.weight.const_value.numpy()) for layer in layers]  # type: ignore[union-attr]
+        zeros_before = [int(np.count_nonzero(a == 0)) for a in arrays]
         magnitude = np.concatenate([np.abs(a.astype(np.float32)).reshape(-1) for a in arrays])
         mask = smallest_mask(magnitude, int(round(sparsity * magnitude.size)))
         offsets = np.cumsum([0] + [a.size for a in arrays])
         masks = [mask[offsets[i]:offsets[i + 1]].reshape(a.shape) for i, a in enumerate(arrays)]
-    else:
-        masks = [smallest_mask(np.abs(a.astype(np.float32)), int(round(sparsity * a.size))) for a in arrays]
+        results = []
+        for layer, array, mask, before in zip(layers, arrays, masks, zeros_before):
+            array[mask] = 0
+            store(layer.weight, array)
+            results.append(LayerResult(layer, array.shape, before, int(np.count_nonzero(array == 0))))
+        return results
     results = []
-    for layer, array, mask, before in zip(layers, arrays, masks, zeros_before):
-        array[mask] = 0
-        _set(layer.weight, array)
+    for layer in layers:
+        array = np.array(layer.weight.const_value.numpy())  # type: ignore[union-attr]
+        before = int(np.count_nonzero(array == 0))
+        array[smallest_mask(np.abs(array.astype(np.float32)), int(round(sparsity * array.size)))] = 0
+        store(layer.weight, array)
         results.append(LayerResult(layer, array.shape, before, int(np.count_nonzero(array == 0))))
+        del array
     return results
 
 
-def n_of_m(layers: Sequence[Layer], n: int, m: int) -> list[LayerResult]:
+def n_of_m(layers: Sequence[Layer], n: int, m: int,
+           store: Callable[[ir.Value, np.ndarray], None] = _set) -> list[LayerResult]:
     """Keep the ``n`` largest of every ``m`` consecutive weights along each layer's reduction axis."""
     results = []
     for layer in layers:
@@ -88,6 +111,6 @@ def n_of_m(layers: Sequence[Layer], n: int, m: int) -> list[LayerResult]:
         np.put_along_axis(drop, order[..., : m - n], True, axis=-1)
         blocks = np.where(drop, np.zeros((), array.dtype), blocks)
         array = np.ascontiguousarray(np.moveaxis(blocks.reshape(moved.shape), -1, axis))
-        _set(layer.weight, array)
+        store(layer.weight, array)
         results.append(LayerResult(layer, array.shape, before, int(np.count_nonzero(array == 0))))
     return results
