@@ -53,7 +53,7 @@ test: $(MODELS) train-env test-tf
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
 bench: $(MODELS) train-env
-	for b in quant_vs_ort prune distill partition lowrank fp16 tune; do test -f benchmarks/$$b.py && $(PY) benchmarks/$$b.py || exit 1; done
+	for b in quant_vs_ort prune distill partition lowrank fp16 big_model tune; do test -f benchmarks/$$b.py && $(PY) benchmarks/$$b.py || exit 1; done
 	$(PY) benchmarks/collect.py
 
 clean:

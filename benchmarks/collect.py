@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ORDER = ["quant", "prune", "distill", "partition", "lowrank", "fp16", "export", "big_model", "tune", "gpu"]
+ORDER = ["quant", "prune", "distill", "partition", "lowrank", "fp16", "big_model", "tune"]
 
 
 def main() -> None:
