@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,18 +34,14 @@ import onnxscript
 import graphopt
 from graphopt.registry import all_passes
 from graphopt.train import env as train_env
+from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "build"
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
-    except OSError:
-        name = ""
-    return name or platform.processor() or "unknown CPU"
+    return cpu_name()
 
 
 def versions(train_python: Path | None) -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +33,7 @@ from graphopt.options import build
 from graphopt.registry import get
 from graphopt.runtime import (Runner, SessionFactory, SessionSettings, resolve_providers, short_name,
                               time_interleaved)
+from _common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "build"
@@ -46,20 +45,6 @@ LATENCY_BATCH = {"cpu": {"digits_mlp": 32, "digits_cnn": 32, "resnet_small": 1, 
                  "cuda": {"digits_mlp": 256, "digits_cnn": 256, "resnet_small": 32, "transformer_small": 32}}
 SETTINGS = [("fp16 (provider=cuda, default)", {}), ("fp16 provider=cpu", {"provider": "cpu"}),
             ("bf16 (provider=cuda)", {"bf16": True})]
-
-
-def machine(providers: list[str]) -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
-    except OSError:
-        cpu = ""
-    text = f"{cpu or platform.processor()} ({os.cpu_count()} cores)"
-    if "CUDAExecutionProvider" in providers:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-        text += f", GPU: {gpu}"
-    return text
 
 
 def versions() -> str:

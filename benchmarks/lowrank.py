@@ -11,8 +11,6 @@ is left to the distill pass's benchmark (column marked pending).
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from graphopt.options import build
 from graphopt.registry import get
 from graphopt.runtime import Runner, SessionFactory, SessionSettings, time_interleaved
 from graphopt.stats import count_flops, parameter_count
+from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "build"
@@ -47,12 +46,7 @@ CASES = {
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
-    except OSError:
-        name = ""
-    return name or platform.processor() or "unknown CPU"
+    return cpu_name()
 
 
 def versions() -> str:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import onnxscript
 import graphopt
 from graphopt.runtime import Runner, SessionFactory, SessionSettings
 from graphopt.stages import StagePipeline, read_manifest, read_plan
+from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "build"
@@ -49,12 +48,7 @@ BATCH = 32
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def versions() -> str:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from graphopt.options import build
 from graphopt.passes.prune import PrunePass
 from graphopt.runtime import Runner, SessionFactory, SessionSettings, time_interleaved
 from graphopt.stats import model_stats
+from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "build"
@@ -46,12 +45,7 @@ TARGET_FLOPS, TARGET_LATENCY = 0.3, 0.45
 
 
 def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
-    except OSError:
-        name = ""
-    return name or platform.processor() or "unknown CPU"
+    return cpu_name()
 
 
 def load() -> str:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "build"
@@ -274,12 +275,7 @@ def size_mb(path: Path) -> float:
 
 
 def machine() -> str:
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except StopIteration:
-        name = platform.processor()
-    return f"{os.cpu_count()}-core CPU, {name}"
+    return f"{os.cpu_count()}-core CPU, {cpu_name()}"
 
 
 def versions() -> str:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,26 +35,10 @@ from graphopt.runtime import Timing, short_name
 from graphopt.tune import (Candidate, OrtTrial, SearchConfig, default_candidate, entry_to_settings, full_provider_name,
                            load_entry, save_settings, tune)
 from graphopt.validate import latency_inputs
+from _common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "build"
-
-
-def machine(providers: list[str]) -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
-    except OSError:
-        cpu = ""
-    text = f"{cpu or platform.processor()} ({os.cpu_count()} cores)"
-    if "CUDAExecutionProvider" in providers:
-        try:
-            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, check=False).stdout.strip()
-        except OSError:
-            gpu = "none found (nvidia-smi missing)"
-        text += f", GPU: {gpu}"
-    return text
 
 
 def versions() -> str:
