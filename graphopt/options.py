@@ -8,6 +8,7 @@ file and ``--set`` fill them, and a wrong name, type or value becomes a ``UserEr
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -17,10 +18,11 @@ from graphopt.errors import UserError
 
 def opt(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
         min: float | None = None, max: float | None = None, min_exclusive: bool = False,
-        max_exclusive: bool = False) -> Any:
-    """A documented option field. Lists and dicts get a fresh copy per instance."""
+        max_exclusive: bool = False, regex: bool = False) -> Any:
+    """A documented option field. Lists and dicts get a fresh copy per instance. ``regex=True``: every value
+    must compile as a regular expression."""
     meta = {"help": help, "choices": choices, "min": min, "max": max,
-            "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}
+            "min_exclusive": min_exclusive, "max_exclusive": max_exclusive, "regex": regex}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -122,6 +124,11 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], where: str) -> None
     choices = meta.get("choices")
     values = value if isinstance(value, list) else [value]
     for v in values:
+        if meta.get("regex"):
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise UserError(f"{where}: {v!r} is not a regular expression ({exc})") from None
         if choices is not None and v not in choices:
             raise UserError(f"{where} must be one of {', '.join(map(str, choices))}; got {v!r}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -238,22 +238,15 @@ def _layer_for(node: ir.Node, sel: Selection) -> tuple[Layer | None, str]:
     x = node.inputs[0] if node.inputs else None
     if not is_float32(x):
         return None, "input is not float32"
-    if op == "Conv":
+    if op in ("Conv", "ConvTranspose"):
         w = constant_array(node.inputs[1])
         if w is None:
             return None, "weight is not a constant"
         b = 2 if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if b is not None and constant_array(node.inputs[2]) is None:
             return None, "bias is not a constant"
-        return Layer(node, [0], 1, 0, b), ""
-    if op == "ConvTranspose":
-        w = constant_array(node.inputs[1])
-        if w is None:
-            return None, "weight is not a constant"
-        b = 2 if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        if b is not None and constant_array(node.inputs[2]) is None:
-            return None, "bias is not a constant"
-        axis = 1 if _int_attr(node, "group", 1) == 1 else None
+        # output channels: axis 0 of a Conv weight, axis 1 of a ConvTranspose's (per channel only ungrouped)
+        axis = 0 if op == "Conv" else (1 if _int_attr(node, "group", 1) == 1 else None)
         return Layer(node, [0], 1, axis, b), ""
     if op == "Gemm":
         if _int_attr(node, "transA", 0) or _float_attr(node, "alpha", 1.0) != 1.0 \

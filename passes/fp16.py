@@ -132,7 +132,8 @@ class Fp16Options:
                                     "them float16/bfloat16, and callers must feed and read that type.")
     block_ops: list[str] = opt([], "More op types to keep in float32 (added to the provider's block list).")
     allow_ops: list[str] = opt([], "Op types to convert even though the provider's list keeps them float32.")
-    block_nodes: list[str] = opt([], "Node names (or regular expressions matching the whole name) kept float32.")
+    block_nodes: list[str] = opt([], "Node names (or regular expressions matching the whole name) kept float32.",
+                                regex=True)
     blocked_weights: str = opt("auto", "Weights read only by float32 ops: 'float32' keeps them, 'low' stores them "
                                        "in low precision with a Cast after (smaller file), 'auto' follows the "
                                        "provider (low for cpu).", choices=("auto", "float32", "low"))
@@ -140,11 +141,6 @@ class Fp16Options:
     def validate(self) -> None:
         if self.provider != "auto" and self.provider not in POLICIES:
             raise UserError(f"option fp16.provider must be one of auto, {', '.join(POLICIES)}; got {self.provider!r}")
-        for pattern in self.block_nodes:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise UserError(f"option fp16.block_nodes: {pattern!r} is not a regular expression ({exc})") from None
         if self.bf16 and not self.keep_io_types:
             raise UserError("options fp16.bf16=true and fp16.keep_io_types=false do not go together: bfloat16 "
                             "model inputs and outputs cannot be fed or read through numpy; keep float32 I/O")
