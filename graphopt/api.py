@@ -22,7 +22,7 @@ import onnx_ir as ir
 from graphopt import options as options_mod
 from graphopt import registry
 from graphopt.context import NullProgress, PassContext, ProgressReporter
-from graphopt.data import DataSource, input_specs, open_data
+from graphopt.data import DataSource, InputSpec, input_specs, open_data
 from graphopt.errors import GateFailed, UserError
 from graphopt.model_io import load_model, model_file_size, save_model
 from graphopt.pipeline import Pipeline, PassRecord
@@ -122,14 +122,6 @@ def save_candidate(model: ir.Model, path: Path) -> Path:
     return path
 
 
-def release_weights(model: ir.Model) -> None:
-    """Unmap external tensors (they map again on next use), so their pages leave this process's RSS."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                value.const_value.release()
-
-
 def make_runner(path: Path, provider: str, sessions: SessionFactory, batch: int | None = None, *,
                 backend: str = "threads", replicas: int = 1) -> Any:
     """A runner for a model: an ORT session, the stitched stages of a partitioned model, or (``backend="ray"``)
@@ -196,11 +188,10 @@ def validate_paths(reference: Path, candidate: Path, report: Report, *, data: Da
                    sessions: SessionFactory, providers: Sequence[str], latency_batches: Sequence[int],
                    batch_size: int, eval_samples: int, max_accuracy_drop: float | None,
                    max_latency_ratio: float | None, progress: ProgressReporter,
-                   measure_speed: bool = True, backend: str = "threads", replicas: int = 1) -> None:
-    """Fill ``report`` with agreement, latency, size and gates of ``candidate`` against ``reference``."""
-    ref_model = load_model(reference)
-    specs = input_specs(ref_model)
-    del ref_model
+                   specs: list[InputSpec], measure_speed: bool = True, backend: str = "threads",
+                   replicas: int = 1) -> None:
+    """Fill ``report`` with agreement, latency, size and gates of ``candidate`` against ``reference``
+    (whose input specs the caller has already read)."""
     ref_size, cand_size = model_file_size(reference), model_file_size(candidate)
     # Models whose weights do not fit in memory twice are run one session at a time.
     sequential = ref_size + cand_size > SEQUENTIAL_VALIDATION_BYTES
@@ -287,18 +278,21 @@ def optimize(model: Any, passes: Sequence[str] = ("cleanup",), options: Mapping[
         ir_model, reference_path = _as_model(model, wd, shapes)
         context.reference_path = reference_path
         source = open_data(data, ir_model, shapes=shapes, batch_size=batch_size, seed=seed)
-        for spec_batch in source.batches(batch_size=batch_size, limit=1, specs=input_specs(ir_model)):
+        specs = input_specs(ir_model)
+        for spec_batch in source.batches(batch_size=batch_size, limit=1, specs=specs):
             del spec_batch  # fail early on data that does not fit the model
         context.data = source
         evaluation = open_data(eval_data, ir_model, shapes=shapes, batch_size=batch_size, seed=seed + 1) \
             if eval_data is not None else source
         report.data["input"] = {"path": str(model) if isinstance(model, (str, os.PathLike)) else None,
                                 "size_bytes": model_file_size(reference_path),
-                                "stats": model_stats(ir_model, context.shapes).to_dict()}
+                                "stats": None}
+        input_stats = model_stats(ir_model, context.shapes)
+        report.data["input"]["stats"] = input_stats.to_dict()
         pipeline = Pipeline(built, context, check_each_pass=check_each_pass, check_data=evaluation,
                             check_tolerance=check_tolerance)
         try:
-            ir_model, records = pipeline.run(ir_model)
+            ir_model, records = pipeline.run(ir_model, input_stats)
         except GateFailed as exc:
             report.data.update(passed=False, exit_code=GateFailed.exit_code, message=str(exc))
             raise
@@ -307,12 +301,12 @@ def optimize(model: Any, passes: Sequence[str] = ("cleanup",), options: Mapping[
         stage = _Stage(out_path, wd)
         try:
             save_candidate(ir_model, stage.path)
-            release_weights(ir_model)  # drop memory-mapped pages before ORT loads its own copies
             if validate:
                 validate_paths(reference_path, stage.path, report, data=evaluation, sessions=sessions,
                                providers=resolved, latency_batches=latency_batches, batch_size=batch_size,
                                eval_samples=eval_samples, max_accuracy_drop=max_accuracy_drop,
-                               max_latency_ratio=max_latency_ratio, progress=progress, measure_speed=measure_speed)
+                               max_latency_ratio=max_latency_ratio, progress=progress, specs=specs,
+                               measure_speed=measure_speed)
             if pass_failures:  # the pass saved its best effort; it is written, but the run fails
                 report.data.update(passed=False, exit_code=GateFailed.exit_code,
                                    message="; ".join(filter(None, [report.data.get("message"), *pass_failures])))
@@ -361,7 +355,8 @@ def validate_models(reference: str | os.PathLike, candidate: str | os.PathLike, 
                        sessions=SessionFactory(work_dir=Path(wd)), providers=resolved,
                        latency_batches=latency_batches, batch_size=batch_size, eval_samples=eval_samples,
                        max_accuracy_drop=max_accuracy_drop, max_latency_ratio=max_latency_ratio,
-                       progress=progress, measure_speed=measure_speed, backend=backend, replicas=replicas)
+                       progress=progress, specs=list(ref_specs.values()), measure_speed=measure_speed,
+                       backend=backend, replicas=replicas)
     return report
 
 

@@ -21,6 +21,7 @@ def describe_model(path: str | os.PathLike, pins: Mapping[str, tuple[int, ...]] 
     params, nbytes = parameter_count(model)
     flops = count_flops(model, pins)
     initializers = set(model.graph.initializers)
+    histogram = op_histogram(model)
     return {
         "path": str(path),
         "ir_version": model.ir_version,
@@ -30,8 +31,8 @@ def describe_model(path: str | os.PathLike, pins: Mapping[str, tuple[int, ...]] 
                    for v in model.graph.inputs if v.name not in initializers],
         "outputs": [{"name": v.name, "dtype": str(v.dtype.name if v.dtype else "?").lower(), "shape": _shape_text(v)}
                     for v in model.graph.outputs],
-        "nodes": sum(op_histogram(model).values()),
-        "op_histogram": op_histogram(model),
+        "nodes": sum(histogram.values()),
+        "op_histogram": histogram,
         "parameters": params,
         "weight_bytes": nbytes,
         "file_bytes": model_file_size(path),

@@ -30,16 +30,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
-    found = []
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                found.append(value.const_value)
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                found.append(attr.value)
-    return found
+    return [t for t in _all_tensors(model) if isinstance(t, ir.ExternalTensor)]
 
 
 def check_external_data(model: ir.Model, base_dir: Path) -> None:

@@ -83,9 +83,10 @@ class Pipeline:
         self.check_tolerance = check_tolerance
         self.check_samples = check_samples
 
-    def run(self, model: ir.Model) -> tuple[ir.Model, list[PassRecord]]:
+    def run(self, model: ir.Model, stats: ModelStats | None = None) -> tuple[ir.Model, list[PassRecord]]:
+        """Run the passes; ``stats`` are the input model's, when the caller has them already."""
         records: list[PassRecord] = []
-        stats = model_stats(model, self.context.shapes)
+        stats = stats or model_stats(model, self.context.shapes)
         for index, p in enumerate(self.passes):
             before_path = None
             if self.check_each_pass:

@@ -120,14 +120,12 @@ def compare_sequential(make_reference: Any, make_candidate: Any, data: DataSourc
     The reference's outputs are spilled to ``spill_dir`` batch by batch, its session is dropped, and the
     candidate then runs over the same batches.
     """
-    import numpy as _np
-
     progress = progress or NullProgress()
     runner = make_reference()
     count = 0
     with progress.task("reference outputs", total=limit) as task:
         for i, batch in enumerate(data.batches(batch_size=batch_size, limit=limit, specs=specs)):
-            _np.savez(f"{spill_dir}/ref_{i}.npz", *runner.run(batch.inputs))
+            np.savez(f"{spill_dir}/ref_{i}.npz", *runner.run(batch.inputs))
             count = i + 1
             task.advance(len(batch))
     getattr(runner, "close", lambda: None)()
@@ -138,7 +136,7 @@ def compare_sequential(make_reference: Any, make_candidate: Any, data: DataSourc
         for i, batch in enumerate(data.batches(batch_size=batch_size, limit=limit, specs=specs)):
             if i >= count:
                 break
-            with _np.load(f"{spill_dir}/ref_{i}.npz") as z:
+            with np.load(f"{spill_dir}/ref_{i}.npz") as z:
                 ref = [z[f"arr_{j}"] for j in range(len(z.files))]
             meter.update(ref, runner.run(batch.inputs), batch.labels)
             task.advance(len(batch))
