@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -60,3 +62,10 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], out: Path | None, 
     if out is not None:
         assert not out.exists()
         assert not list(out.parent.glob(".graphopt-*"))
+
+
+def to_bytes(model: ir.Model) -> bytes:
+    """Serialize an onnx_ir model for ORT after the full ONNX checker (shape inference included)."""
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()

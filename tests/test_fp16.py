@@ -10,13 +10,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 
 from graphopt.options import build
 from graphopt.registry import get
-from conftest import REFERENCE_MODELS, load_npz, ort_outputs
+from conftest import REFERENCE_MODELS, load_npz, ort_outputs, to_bytes
 
 REL_TOL = 5e-3
 LOW = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -27,12 +26,6 @@ def run_fp16(model: ir.Model, **options: object):
     p = cls(build(cls.Options, "fp16", {k: v for k, v in options.items()}))
     p(model)
     return p
-
-
-def to_bytes(model: ir.Model) -> bytes:
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    return proto.SerializeToString()
 
 
 def sample_inputs(models_dir: Path, name: str) -> dict[str, np.ndarray]:

@@ -14,10 +14,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
-from conftest import load_npz, ort_outputs
+from conftest import load_npz, ort_outputs, to_bytes
 
 from graphopt.context import PassContext
 from graphopt.data import open_data
@@ -33,12 +32,6 @@ def run_lowrank(model: ir.Model, data=None, **options: object):
     p = cls(build(cls.Options, "lowrank", options), ctx)
     p(model)
     return p
-
-
-def to_bytes(model: ir.Model) -> bytes:
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    return proto.SerializeToString()
 
 
 def rel_l2(ref: np.ndarray, out: np.ndarray) -> float:
