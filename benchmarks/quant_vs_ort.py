@@ -158,7 +158,8 @@ def worker(kind: str, model: str, method: str, out: str) -> dict:
                 plan = make_plan(m, Selection(op_types=("Conv", "MatMul", "Gemm")), neighbours=True, fuse_relu=True)
                 prep = time.perf_counter() - t0
                 data = open_data(str(calib_file(model)))
-                batch = calibrate.auto_batch_size(m, plan.calibrated, 32)
+                batch = calibrate.auto_batch_size(m, plan.calibrated, 32,
+                                                  overlapped=method in calibrate.HISTOGRAM_METHODS)
                 with RssWatch() as only:
                     t0 = time.perf_counter()
                     calibrate.collect(m, plan.calibrated, data, SessionFactory(work_dir=wd),

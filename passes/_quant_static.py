@@ -56,8 +56,9 @@ def calibrate_model(p: QuantPass, model: ir.Model, names: list[str]) -> calibrat
         raise UserError("quant.mode=static needs calibration data: give --data (an .npz with the model's "
                         "inputs), or use quant.mode=dynamic / weight_only")
     sessions = ctx.sessions or SessionFactory(work_dir=ctx.work_dir)
-    batch = o.calib_batch_size or calibrate.auto_batch_size(model, names, ctx.batch_size)
-    return calibrate.collect(model, names, ctx.data, sessions, histogram=o.calibration in calibrate.HISTOGRAM_METHODS,
+    histogram = o.calibration in calibrate.HISTOGRAM_METHODS
+    batch = o.calib_batch_size or calibrate.auto_batch_size(model, names, ctx.batch_size, overlapped=histogram)
+    return calibrate.collect(model, names, ctx.data, sessions, histogram=histogram,
                              bins=o.bins, batch_size=batch, max_batches=o.calib_batches,
                              provider=ctx.providers[0], work_dir=ctx.work_dir, progress=ctx.progress)
 

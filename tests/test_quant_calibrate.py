@@ -9,6 +9,8 @@ a tiny model the same way (streamed == one-shot, min/max exact, NaN named).
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import numpy as np
 import onnx
@@ -216,3 +218,50 @@ def test_collect_names_nonfinite_tensor(tmp_path) -> None:
     with pytest.raises(UserError, match="'x'"):
         calibrate.collect(model, ["x"], ArraySource({"x": bad}), SessionFactory(work_dir=tmp_path),
                           histogram=True, batch_size=4)
+
+    # with histograms the batches run on a worker thread: a failing batch still names the tensor
+    with pytest.raises(UserError, match="'log'.*NaN or Inf"):
+        calibrate.collect(model, ["conv", "log"], ArraySource({"x": x}), SessionFactory(work_dir=tmp_path),
+                          histogram=True, batch_size=2)
+    assert not [t for t in threading.enumerate() if t.name == "graphopt-calibration"]
+
+
+def test_prefetch_bounds_items_and_passes_errors() -> None:
+    alive: list[int] = []
+    made: list[int] = []
+
+    def source():
+        for i in range(10):
+            made.append(i)
+            alive.append(len(made) - consumed[0])
+            yield i
+
+    consumed = [0]
+    got = []
+    runs = calibrate._Prefetch(source(), depth=1)
+    for item in runs:
+        got.append(item)
+        time.sleep(0.01)  # let the worker run ahead as far as it may
+        consumed[0] += 1
+    runs.close()
+    assert got == list(range(10))
+    assert max(alive) <= 2  # the consumer's item and at most one made ahead
+
+    def failing():
+        yield 1
+        raise RuntimeError("stage broke")
+
+    runs = calibrate._Prefetch(failing(), depth=1)
+    with pytest.raises(RuntimeError, match="stage broke"):
+        list(runs)
+    runs.close()
+
+    # the consumer stops early: close() stops the worker, which never runs the whole source
+    made.clear()
+    consumed[0] = 0
+    runs = calibrate._Prefetch(source(), depth=1)
+    for item in runs:
+        break
+    runs.close()
+    assert len(made) <= 3
+    assert not [t for t in threading.enumerate() if t.name == "graphopt-calibration"]
