@@ -235,3 +235,44 @@ def apply_static(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, flo
     if cfg.qdq_domain:
         model.opset_imports.setdefault(cfg.qdq_domain, 1)
     return rows
+
+
+def quantize_before_space_to_depth(model: ir.Model) -> int:
+    """Move the QuantizeLinear after ``Pad(0) → SpaceToDepth`` (the stem rewrite) in front of them.
+
+    Exact: quantizing commutes with rearranging elements, and a zero pad quantizes to the zero point, so
+    ``Q(SpaceToDepth(Pad(x, 0))) == SpaceToDepth(Pad(Q(x), zero_point))``. The pad and the rearrangement
+    then move 1-byte instead of 4-byte elements (resnet_small batch 8: ~1 ms of ~40). Returns the count.
+    """
+    graph = model.graph
+    count = 0
+    for q in list(graph):
+        if q.op_type != "QuantizeLinear" or len(q.inputs) < 3 or q.inputs[2] is None:
+            continue
+        s2d = q.inputs[0].producer() if q.inputs[0] is not None else None
+        if s2d is None or s2d.op_type != "SpaceToDepth" or len(s2d.outputs[0].uses()) != 1:
+            continue
+        pad = s2d.inputs[0].producer() if s2d.inputs[0] is not None else None
+        if (pad is None or pad.op_type != "Pad" or len(pad.outputs[0].uses()) != 1 or len(pad.inputs) > 3
+                or (len(pad.inputs) == 3 and pad.inputs[2] is not None)
+                or (pad.attributes.get("mode") is not None and pad.attributes["mode"].value not in ("constant", b"constant"))):
+            continue
+        x, scale, zp = pad.inputs[0], q.inputs[1], q.inputs[2]
+        if x is None or scale is None or scale.shape is None or scale.shape.rank() != 0:
+            continue
+        q2 = ir.node("QuantizeLinear", [x, scale, zp], domain=q.domain, name=f"{q.name}_early")
+        pad2 = ir.node("Pad", [q2.outputs[0], pad.inputs[1], zp], {"mode": "constant"}, name=f"{pad.name}_quantized")
+        s2d2 = ir.node("SpaceToDepth", [pad2.outputs[0]], {"blocksize": s2d.attributes["blocksize"].value},
+                       name=f"{s2d.name}_quantized")
+        dtype = q.outputs[0].type
+        for new, old in ((q2, x), (pad2, pad.outputs[0]), (s2d2, s2d.outputs[0])):
+            new.outputs[0].name = f"{old.name}_quantized"
+            new.outputs[0].type, new.outputs[0].shape = dtype, old.shape
+        graph.insert_before(pad, [q2, pad2, s2d2])
+        q.outputs[0].replace_all_uses_with(s2d2.outputs[0], replace_graph_outputs=True)
+        name = q.outputs[0].name
+        for node in (q, s2d, pad):
+            graph.remove(node, safe=True)
+        s2d2.outputs[0].name = name
+        count += 1
+    return count

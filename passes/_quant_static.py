@@ -14,7 +14,7 @@ from graphopt.errors import UserError
 from graphopt.runtime import SessionFactory
 
 from ._quant_plan import COMPUTE_OPS, PASS_THROUGH_OPS, QLINEAR_OPS, Plan, is_float32, make_plan, stem_space_to_depth
-from ._quant_qdq import QuantConfig, apply_static
+from ._quant_qdq import QuantConfig, apply_static, quantize_before_space_to_depth
 
 if TYPE_CHECKING:
     from .quant import QuantPass
@@ -100,6 +100,8 @@ def run_static(p: QuantPass, model: ir.Model) -> bool:
 
         plan = run_fallback(p, model, plan, ranges, cfg)
     rows = apply_static(model, plan, ranges, cfg)
+    if o.stem_space_to_depth:
+        quantize_before_space_to_depth(model)
     p.details["layers"] = rows
     p.details["summary"] = {"quantized_layers": len(plan.layers), "int8_neighbours": len(plan.region) - len(plan.layers),
                             "qdq_tensors": len(plan.quantized), "relus_absorbed": len(plan.fused_relu),

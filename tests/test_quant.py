@@ -185,6 +185,28 @@ def test_stem_space_to_depth_is_exact(tmp_path: Path, cin: int, k: int, pad: int
     np.testing.assert_allclose(got, ort_outputs(path, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
+def test_stem_quantized_before_space_to_depth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stem's QuantizeLinear moves in front of Pad → SpaceToDepth (uint8 data movement) and the
+    outputs stay bit-identical to quantizing after them; ORT still fuses the conv into QLinearConv."""
+    from graphopt.passes import _quant_static
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)
+    path = _model([helper.make_node("Conv", ["x", "w"], ["y"], name="stem", strides=[2, 2], pads=[3] * 4,
+                                    kernel_shape=[7, 7])], [("w", w)], ["N", 3, 20, 20], tmp_path, y_rank=4)
+    x = rng.standard_normal((6, 3, 20, 20)).astype(np.float32)
+    early, late = tmp_path / "early.onnx", tmp_path / "late.onnx"
+    quantize(path, early, {"x": x}, calibration="minmax")
+    ops = [n.op_type for n in onnx.load(str(early)).graph.node]
+    assert ops[:3] == ["QuantizeLinear", "Pad", "SpaceToDepth"]
+    monkeypatch.setattr(_quant_static, "quantize_before_space_to_depth", lambda model: 0)
+    quantize(path, late, {"x": x}, calibration="minmax")
+    assert [n.op_type for n in onnx.load(str(late)).graph.node][:3] == ["Pad", "SpaceToDepth", "QuantizeLinear"]
+    np.testing.assert_array_equal(ort_outputs(early, {"x": x})[0], ort_outputs(late, {"x": x})[0])
+    assert cosine(ort_outputs(path, {"x": x})[0], ort_outputs(early, {"x": x})[0]) >= 0.999
+    assert optimized_ops(early, tmp_path)["QLinearConv"] == 1
+
+
 def test_weight_only_packing_matches_numpy(tmp_path: Path) -> None:
     """MatMulNBits with our packed int4 blocks computes x @ dequantized(W) (asymmetric and symmetric)."""
     from graphopt.passes._quant_modes import block_quantize
