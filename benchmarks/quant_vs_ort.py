@@ -77,8 +77,35 @@ class RssWatch:
         self.peak = max(self.peak, self.proc.memory_info().rss / 2**20)
 
 
+SCALED_DIR = Path(tempfile.gettempdir()) / "graphopt-bench-calib"
+
+
 def calib_file(model: str) -> Path:
+    """The model's calibration split, or for ``MODEL@N`` N samples made like it (see :func:`make_scaled`)."""
+    if "@" in model:
+        name, n = model.split("@")
+        return SCALED_DIR / f"{name}_{n}.npz"
     return MODELS / f"{model}_calib.npz"
+
+
+def model_file(model: str) -> Path:
+    return MODELS / f"{model.split('@')[0]}.onnx"
+
+
+def make_scaled(model: str, n: int) -> str:
+    """N calibration samples drawn the way models/build.py draws the model's 32 (resnet_small: standard
+    normal images; transformer_small: uniform token ids), with another seed: to see how calibration
+    memory grows with the data."""
+    rng = np.random.default_rng(100 + n)
+    if model == "resnet_small":
+        arrays = {"input": rng.standard_normal((n, 3, 224, 224), dtype=np.float32)}
+    elif model == "transformer_small":
+        arrays = {"input_ids": rng.integers(0, 1000, size=(n, 128), dtype=np.int64)}
+    else:
+        raise ValueError(model)
+    SCALED_DIR.mkdir(exist_ok=True)
+    np.savez(SCALED_DIR / f"{model}_{n}.npz", **arrays)
+    return f"{model}@{n}"
 
 
 def load(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -114,7 +141,7 @@ def worker(kind: str, model: str, method: str, out: str) -> dict:
         from graphopt import api
 
         t0 = time.perf_counter()
-        result = api.optimize(str(MODELS / f"{model}.onnx"), passes=["quant"], data=str(calib_file(model)),
+        result = api.optimize(str(model_file(model)), passes=["quant"], data=str(calib_file(model)),
                               set_options={"quant": {"calibration": method}}, output=out, validate=False)
         wall = time.perf_counter() - t0
         d = result.records[0].details
@@ -134,7 +161,7 @@ def worker(kind: str, model: str, method: str, out: str) -> dict:
 
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp, RssWatch() as watch:
-            cal = create_calibrator(Path(out).parent / f"{model}.pre.onnx",
+            cal = create_calibrator(Path(out).parent / f"{model.split('@')[0]}.pre.onnx",
                                     list(set(QLinearOpsRegistry) | set(QDQRegistry)),
                                     augmented_model_path=str(Path(tmp) / "aug.onnx"),
                                     calibrate_method=getattr(CalibrationMethod, ORT_METHOD[method]))
@@ -153,7 +180,7 @@ def worker(kind: str, model: str, method: str, out: str) -> dict:
         try:
             with RssWatch() as whole:
                 t0 = time.perf_counter()
-                m = load_model(MODELS / f"{model}.onnx")
+                m = load_model(model_file(model))
                 preprocess(m, PassContext(work_dir=wd))
                 plan = make_plan(m, Selection(op_types=("Conv", "MatMul", "Gemm")), neighbours=True, fuse_relu=True)
                 prep = time.perf_counter() - t0
@@ -177,7 +204,7 @@ def worker(kind: str, model: str, method: str, out: str) -> dict:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         t0 = time.perf_counter()
-        sess = ort.InferenceSession(str(MODELS / f"{model}.onnx"), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(model_file(model)), so, providers=["CPUExecutionProvider"])
         created = time.perf_counter() - t0
         n = len(next(iter(inputs.values())))
         times = []
@@ -418,6 +445,30 @@ def main() -> None:
     say("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines.extend(calib_rows)
     say("")
+    scaled = [m for m in ("resnet_small", "transformer_small") if m in models and "entropy" in methods]
+    if scaled and not args.quick:
+        say("### calibration memory as the calibration data grows (entropy)\n")
+        say("The same calibration-alone workers on 32 and 128 samples drawn like each model's calibration split "
+            "(`make_scaled`; same data for both tools). ORT's calibrators keep every observed activation until "
+            "`compute_data`, so their memory grows with the data; graphopt keeps histograms, so its memory "
+            "does not.\n")
+        say("| model | samples | graphopt s | ORT s | time ratio | graphopt peak MB | ORT peak MB | peak ratio "
+            "| graphopt +calib MB | ORT + MB | increment ratio |")
+        say("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for model in scaled:
+            for n in (32, 128):
+                name = make_scaled(model, n)
+                gc_ = run_worker("graphopt-calib", name, "entropy", tmp / "unused")
+                oc = run_worker("ort-calib", name, "entropy", tmp / f"{model}.entropy.ort.onnx")
+                say(f"| {model} | {n} | {gc_['calib_s']:.2f} | {oc['calib_s']:.2f} "
+                    f"| {gc_['calib_s'] / oc['calib_s']:.2f} | {gc_['peak_mb']:.0f} | {oc['peak_mb']:.0f} "
+                    f"| {gc_['peak_mb'] / oc['peak_mb']:.2f} | {gc_['collect_increment_mb']:.0f} "
+                    f"| {oc['increment_mb']:.0f} | {gc_['collect_increment_mb'] / max(oc['increment_mb'], 1):.2f} |")
+                if n == 128:
+                    targets.append((f"calibration peak RSS <= 0.15x ORT's (whole process), 128 samples: {model}",
+                                    gc_["peak_mb"] <= 0.15 * oc["peak_mb"], f"{gc_['peak_mb'] / oc['peak_mb']:.2f}x"))
+        shutil.rmtree(SCALED_DIR, ignore_errors=True)
+        say("")
     if "transformer_small" in models:
         say(weight_modes(tmp, repeat))
     say("### targets (issue 4)\n")

@@ -342,3 +342,106 @@ def test_profiled_kernels_map_back_to_graph_nodes(tmp_path):
     # neg has no kernel and only sig (timed via its output name s) reads it: 30 split 1:2 between them
     assert costs.tolist() == pytest.approx([10.0, 10.0, 20.0, 5.0, 7.0])
     assert lost == pytest.approx(2.0 / 54.0)
+
+
+# --- the CUDA-side logic, exercised on CPU (CI has no GPU) ------------------------------------------------
+
+def test_device_parsing_and_per_stage_provider_options():
+    from graphopt.stages import _stage_settings, device_label, expand_devices, parse_device
+
+    assert parse_device("cuda:1") == ("CUDAExecutionProvider", 1)
+    assert parse_device("cuda") == ("CUDAExecutionProvider", None)
+    assert parse_device("cpu") == ("CPUExecutionProvider", None)
+    assert device_label(*parse_device("cuda:1")) == "cuda:1"
+    assert expand_devices("cuda:0,cpu", 2, ["cpu", "cpu"]) == ["cuda:0", "cpu"]
+    assert expand_devices("cuda:1", 3, ["cpu"] * 3) == ["cuda:1"] * 3
+    for bad, match in (("cuda:x", "bad index"), ("cpu:0", "takes no index"), ("tpu", "unknown device")):
+        with pytest.raises(UserError, match=match):
+            parse_device(bad)
+    with pytest.raises(UserError, match="3 devices given"):
+        expand_devices("cpu,cpu,cpu", 2, ["cpu", "cpu"])
+    base = SessionSettings(provider_options={"CUDAExecutionProvider": {"arena_extend_strategy": "kSameAsRequested"}})
+    st = _stage_settings(base, "CUDAExecutionProvider", 1, cpu_stages=1)
+    assert st.provider_options["CUDAExecutionProvider"] == {"arena_extend_strategy": "kSameAsRequested", "device_id": "1"}
+    assert "device_id" not in base.provider_options["CUDAExecutionProvider"]  # the caller's settings are not changed
+    # CPU stages split the cores between them instead of each taking all
+    assert _stage_settings(SessionSettings(), "CPUExecutionProvider", None, cpu_stages=2).intra_op_threads >= 1
+
+
+def test_io_binding_keeps_outputs_on_the_device_between_stages(models_dir, tmp_path):
+    """What CUDA stages do (bind outputs on the device, hand the OrtValue on to the next stage on the same
+    device without a host copy), here on the CPU device."""
+    from graphopt.stages import StageSession, _OnDevice
+
+    from graphopt.stages import read_manifest
+
+    out, _ = make_dir(models_dir / "digits_cnn.onnx", tmp_path / "p", stages=2)
+    manifest = read_manifest(out)
+    inputs, _ = load_npz(models_dir / "digits_cnn_test.npz", 8)
+    stages = [StageSession(k, ONE_THREAD.session(out / s["file"]), s["inputs"], s["outputs"], "cpu", io_binding=True)
+              for k, s in enumerate(manifest["stages"])]
+    env: dict = dict(inputs)
+    first = stages[0].run(env)
+    assert all(isinstance(v, _OnDevice) and v.device == ("cpu", 0) for v in first.values())
+    env.update(first)
+    final = stages[1].run(env)
+    got = [final[n].numpy() for n in manifest["outputs"]]
+    close_enough(ort_outputs(models_dir / "digits_cnn.onnx", inputs), got)
+
+
+def test_ray_actors_request_a_gpu_per_cuda_stage(monkeypatch, models_dir, tmp_path):
+    """The Ray backend's placement for devices=cuda:0,cpu, with a stand-in for Ray: the CUDA stage's actor
+    asks for one GPU (Ray then gives it its device through CUDA_VISIBLE_DEVICES), the CPU stage for CPUs,
+    and a local instance without the GPUs is refused instead of waiting forever."""
+    from graphopt import stages as stages_mod
+
+    from graphopt.stages import read_manifest
+
+    out, _ = make_dir(models_dir / "digits_cnn.onnx", tmp_path / "p", stages=2)
+    manifest = read_manifest(out)
+    made: list[dict] = []
+
+    class FakeActor:
+        def __init__(self, options, args):
+            made.append({"options": options, "args": args})
+            self.ready = type("M", (), {"remote": staticmethod(lambda: "ready")})()
+
+    class FakeRay:
+        class exceptions:
+            GetTimeoutError = TimeoutError
+
+        def __init__(self, gpus):
+            self.gpus = gpus
+
+        def remote(self, cls):
+            class Remote:
+                def options(self_, **options):
+                    return type("O", (), {"remote": staticmethod(lambda *args: FakeActor(options, args))})()
+            return Remote()
+
+        def put(self, value):
+            return value
+
+        def get(self, refs, timeout=None):
+            return refs
+
+        def available_resources(self):
+            return {"CPU": 8.0, "GPU": self.gpus}
+
+        def kill(self, actor):
+            pass
+
+    monkeypatch.setattr(stages_mod, "_STARTED_LOCAL_RAY", True)
+    monkeypatch.setattr(stages_mod, "ensure_ray", lambda num_cpus=None: FakeRay(gpus=1.0))
+    settings = SessionSettings(intra_op_threads=2)
+    backend = stages_mod._RayBackend(out, manifest, ["cuda:0", "cpu"], settings, queue_size=2)
+    assert [m["options"] for m in made] == [{"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 2, "num_gpus": 0}]
+    assert [m["args"][2] for m in made] == ["cuda:0", "cpu"]
+    backend.close()
+    made.clear()
+    monkeypatch.setattr(stages_mod, "ensure_ray", lambda num_cpus=None: FakeRay(gpus=0.0))
+    clock = itertools.count(0.0, 10.0)  # the wait for resources being given back ends at once
+    monkeypatch.setattr(stages_mod.time, "monotonic", lambda: next(clock))
+    with pytest.raises(UserError, match="need 2 CPUs and 2 GPUs; Ray has 8 CPUs and 0 GPUs"):
+        stages_mod._RayBackend(out, manifest, ["cuda:0", "cuda:1"], settings, queue_size=2, replicas=1)
+    assert not made
