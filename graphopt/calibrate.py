@@ -233,13 +233,18 @@ def _xlogx(v: np.ndarray) -> np.ndarray:
 def entropy_kept_bins(fold: np.ndarray, levels: int) -> int:
     """Number of |x| bins to keep (threshold = that many bin widths) minimizing KL(P || Q).
 
-    For each candidate i (levels..used bins): P is the first i bins with everything beyond folded into
-    bin i-1; Q merges the first i bins (without the outliers) into ``levels`` contiguous groups (group g
-    holds bins floor(g*i/levels) .. floor((g+1)*i/levels) - 1, so sizes differ by at most one; merging
-    i // levels bins with the remainder in the last group, as TensorRT's reference code does, makes the
-    score jump at multiples of ``levels``) and spreads each group's mass evenly over the bins where P is
-    non-zero. A candidate where P has mass and Q none scores infinity. All candidates are scored at once
-    from prefix sums, so this costs O(candidates x levels), not O(candidates x bins) Python loops.
+    For each candidate k (levels..used bins): P is the first k bins with everything beyond folded into
+    bin k-1 (the clipped values). Q models the quantizer itself on the first k bins (without the outliers):
+    ``levels`` points 0, s, 2s, ..., k (s = k / (levels - 1) bins), each taking the values that round to it,
+    so the cells are [0, s/2), [s/2, 3s/2), ..., [k - s/2, k] (a bin a cell edge cuts counts as uniform
+    across the bin); each cell's mass is spread evenly over the part of the cell where P is non-zero.
+    Grouping whole bins into ``levels`` equal groups instead puts the group edges half a step away from the
+    real rounding edges and gives the top level, where the clipped values go, a full cell instead of half
+    of one; TensorRT's reference code (i // levels bins per group, the remainder in the last group) makes
+    the score jump at multiples of ``levels``. A candidate where P has mass and Q none scores infinity, and
+    so does one that clips while keeping a single non-zero bin (P and Q are then the same point mass and
+    the divergence is 0 whatever was clipped). All candidates are scored from prefix sums, in blocks, so
+    this costs O(candidates x levels) numpy work and bounded memory.
     """
     nonzero = np.flatnonzero(fold)
     if nonzero.size == 0:
@@ -247,30 +252,56 @@ def entropy_kept_bins(fold: np.ndarray, levels: int) -> int:
     used = int(nonzero[-1]) + 1
     if used <= levels:
         return used
-    f = fold[:used].astype(np.float64)
+    f = np.concatenate([fold[:used].astype(np.float64), [0.0]])
     total = f.sum()
     csum = np.concatenate([[0.0], np.cumsum(f)])
-    cnz = np.concatenate([[0], np.cumsum(f > 0)])
+    nzb = (f > 0).astype(np.float64)
+    cnz = np.concatenate([[0.0], np.cumsum(nzb)])
     cflogf = np.concatenate([[0.0], np.cumsum(_xlogx(f))])
-    ks = np.arange(levels, used + 1)
-    tail = total - csum[ks]
-    last = f[ks - 1]
-    p_last = last + tail
-    sum_plogp = cflogf[ks - 1] + _xlogx(p_last)
-    bounds = (np.arange(levels + 1)[None, :] * ks[:, None]) // levels  # groups differ by at most one bin
-    starts, ends = bounds[:, :-1], bounds[:, 1:]
-    gsum = csum[ends] - csum[starts]
-    nz = (cnz[ends] - cnz[starts]).astype(np.float64)
-    nz[:, -1] += (last == 0) & (tail > 0)
-    pmass = gsum.copy()
-    pmass[:, -1] += tail
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(nz > 0, gsum / np.where(nz > 0, nz, 1), 0.0)
-        bad = ((pmass > 0) & (q <= 0)).any(axis=1)
-        sum_plogq = np.where(pmass > 0, pmass * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axis=1)
-        kl = (sum_plogp - sum_plogq) / total - math.log(total) + np.log(csum[ks])
-    kl[bad] = np.inf
-    return int(ks[int(np.argmin(kl))])
+    all_ks = np.arange(levels, used + 1)
+    kl = np.empty(all_ks.size)
+    block = max(1, (1 << 18) // levels)
+    for b0 in range(0, all_ks.size, block):
+        ks = all_ks[b0:b0 + block]
+        kk = ks[:, None].astype(np.float64)
+        tail = total - csum[ks]
+        last = f[ks - 1]
+        # bin k-1 is non-zero in P through the clipped values alone
+        extra = ((last == 0) & (tail > 0)).astype(np.float64)
+        s = kk / (levels - 1)
+        edges = np.concatenate([np.zeros_like(kk), (np.arange(1, levels)[None, :] - 0.5) * s, kk], axis=1)
+        j = np.minimum(np.floor(edges).astype(np.int64), used)
+        fr = edges - j
+        mass = np.diff(csum[j] + fr * f[j], axis=1)
+        nzlen = np.diff(cnz[j] + fr * nzb[j] + extra[:, None] * np.clip(edges - (kk - 1), 0.0, 1.0), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dens = np.where(nzlen > 0, mass / np.where(nzlen > 0, nzlen, 1.0), 0.0)
+            logd = np.log(np.where(dens > 0, dens, 1.0))
+            # bins wholly inside a cell take its density
+            lo_b = np.ceil(edges[:, :-1]).astype(np.int64)
+            hi_b = np.maximum(np.floor(edges[:, 1:]).astype(np.int64), lo_b)
+            sum_plogq = ((csum[hi_b] - csum[lo_b]) * logd).sum(axis=1)
+            # a bin an inner edge cuts takes the two cells' densities in proportion
+            inner = edges[:, 1:-1]
+            jb = np.floor(inner).astype(np.int64)
+            a = inner - jb
+            q_cut = a * dens[:, :-1] + (1 - a) * dens[:, 1:]
+            p_cut = np.where(a > 0, f[jb], 0.0)
+            sum_plogq += np.where(p_cut > 0, p_cut * np.log(np.where(q_cut > 0, q_cut, 1.0)), 0.0).sum(axis=1)
+            # the clipped values sit in bin k-1
+            e_top = edges[:, levels - 1]
+            jt = np.floor(e_top).astype(np.int64)
+            at = e_top - jt
+            q_last = np.where((jt == ks - 1) & (at > 0), at * dens[:, levels - 2] + (1 - at) * dens[:, levels - 1],
+                              dens[:, levels - 1])
+            sum_plogq += np.where(tail > 0, tail * np.log(np.where(q_last > 0, q_last, 1.0)), 0.0)
+            sum_plogp = cflogf[ks - 1] + _xlogx(last + tail)
+            score = (sum_plogp - sum_plogq) / total - math.log(total) + np.log(csum[ks])
+        score[(tail > 0) & ((q_last <= 0) | (cnz[ks] < 2))] = np.inf
+        kl[b0:b0 + block] = score
+    if not np.isfinite(kl).any():
+        return used
+    return int(all_ks[int(np.argmin(kl))])
 
 
 def entropy_range(stats: TensorStats, spec: QuantSpec) -> tuple[float, float]:
@@ -322,6 +353,17 @@ def mse_range(stats: TensorStats, spec: QuantSpec, candidates: int = 128) -> tup
         if err[j] < best_err:
             best_err, best = float(err[j]), (float(lo[j]), float(hi[j]))
     return best
+
+
+def default_bins(method: str) -> int:
+    """Histogram bins per sign a method calibrates with unless told otherwise.
+
+    The KL search of ``entropy`` depends on how many histogram bins a quantization step spans; TensorRT's
+    2048 bins on [0, max|x|] for 128 levels give 16 at the largest threshold. The power-of-two grid spans
+    max|x| with between half and all of the bins, and uint8 one-sided data has 256 levels, so entropy
+    needs 8192 per sign to get at least as many. The other methods are fine with 2048.
+    """
+    return 8192 if method == "entropy" else 2048
 
 
 def compute_range(stats: TensorStats, method: str, spec: QuantSpec, percentile: float = 99.999) -> tuple[float, float]:

@@ -59,7 +59,8 @@ def calibrate_model(p: QuantPass, model: ir.Model, names: list[str]) -> calibrat
     histogram = o.calibration in calibrate.HISTOGRAM_METHODS
     batch = o.calib_batch_size or calibrate.auto_batch_size(model, names, ctx.batch_size, overlapped=histogram)
     return calibrate.collect(model, names, ctx.data, sessions, histogram=histogram,
-                             bins=o.bins, batch_size=batch, max_batches=o.calib_batches,
+                             bins=o.bins or calibrate.default_bins(o.calibration), batch_size=batch,
+                             max_batches=o.calib_batches,
                              provider=ctx.providers[0], work_dir=ctx.work_dir, progress=ctx.progress)
 
 

@@ -43,7 +43,8 @@ class QuantOptions:
                            "minmax | percentile | entropy (KL divergence) | mse", choices=calibrate.METHODS)
     percentile: float = opt(99.999, "Percent of values kept inside the range (calibration=percentile).",
                             min=50.0, max=100.0)
-    bins: int = opt(2048, "Histogram bins per sign for percentile/entropy/mse.", min=16, max=1 << 16)
+    bins: int | None = opt(None, "Histogram bins per sign for percentile/entropy/mse (default: 8192 for "
+                           "entropy, 2048 otherwise).", min=16, max=1 << 16)
     calib_batches: int | None = opt(None, "Calibration batches to use (default: all the data).", min=1)
     calib_batch_size: int | None = opt(None, "Rows per calibration batch (default: as many as fit in "
                                        "~32 MB of observed activations, at most the run's batch size).", min=1)

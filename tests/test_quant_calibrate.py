@@ -98,30 +98,41 @@ def test_percentile_against_numpy(name: str, percentile: float) -> None:
 
 
 def _kl_reference(fold: np.ndarray, levels: int) -> int:
-    """The KL threshold search written plainly, one candidate at a time (slow; the spec)."""
+    """The KL threshold search written plainly, one candidate at a time (slow; the spec).
+
+    Candidate k keeps k bins; P is them with the clipped mass added to the last; Q is what the quantizer
+    makes of the kept values: ``levels`` points 0, s, ..., k (s = k / (levels - 1)), cell g holding what
+    rounds to point g, its mass spread evenly over the part of the cell where P is non-zero.
+    """
     nz = np.flatnonzero(fold)
     used = int(nz[-1]) + 1
     if used <= levels:
         return used
     f = fold[:used].astype(np.float64)
     best, best_kl = used, math.inf
-    for i in range(levels, used + 1):
-        p = f[:i].copy()
-        p[-1] += f[i:].sum()
-        q = np.zeros(i)
+    for k in range(levels, used + 1):
+        p = f[:k].copy()
+        tail = f[k:].sum()
+        p[-1] += tail
+        if tail > 0 and np.count_nonzero(f[:k]) < 2:
+            continue  # clipping down to a single point mass: P == Q whatever was clipped
+        s = k / (levels - 1)
+        edges = [0.0] + [(g - 0.5) * s for g in range(1, levels)] + [float(k)]
+        q = np.zeros(k)
         for g in range(levels):
-            start, end = g * i // levels, (g + 1) * i // levels
-            mass = f[start:end].sum()
-            nonzero = p[start:end] > 0
-            if nonzero.any():
-                q[start:end][nonzero] = mass / nonzero.sum()
-        if np.any((p > 0) & (q == 0)):
+            a, b = edges[g], edges[g + 1]
+            ov = np.clip(np.minimum(np.arange(1, k + 1), b) - np.maximum(np.arange(k), a), 0.0, None)
+            mass = float((ov * f[:k]).sum())
+            nzlen = float((ov * (p > 0)).sum())
+            if nzlen > 0:
+                q += ov * (p > 0) * (mass / nzlen)
+        if np.any((p > 0) & (q <= 0)):
             continue
         pn, qn = p / p.sum(), q / q.sum()
-        mask = pn > 0
-        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask])))
+        m = pn > 0
+        kl = float(np.sum(pn[m] * np.log(pn[m] / qn[m])))
         if kl < best_kl - 1e-12:
-            best, best_kl = i, kl
+            best, best_kl = k, kl
     return best
 
 
@@ -135,6 +146,16 @@ def test_entropy_against_reference(name: str, levels: int) -> None:
         lo, hi = calibrate.entropy_range(st, S8)
         bulk = float(np.quantile(np.abs(_distributions()["normal"]), 0.999))
         assert bulk < hi < 0.5 * max(-st.min, st.max)  # keeps the bulk, clips the 40-sigma outliers
+
+
+def test_entropy_never_clips_to_a_single_point() -> None:
+    """Data on a few discrete values (pixels): keeping one non-zero bin and clipping the rest would score a
+    divergence of 0 (P and Q are the same point mass); such candidates are refused."""
+    fold = np.zeros(4096, np.int64)
+    fold[[3, 900, 1800, 2700, 3600]] = [5000, 40, 30, 20, 10]
+    k = calibrate.entropy_kept_bins(fold, 255)
+    assert k == _kl_reference(fold, 255) and k > 900
+    assert calibrate.default_bins("entropy") == 8192 and calibrate.default_bins("percentile") == 2048
 
 
 def _true_mse(x: np.ndarray, lo: float, hi: float, spec: QuantSpec) -> float:
