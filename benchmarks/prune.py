@@ -29,7 +29,7 @@ from graphopt.data import open_data
 from graphopt.model_io import load_model
 from graphopt.options import build
 from graphopt.passes.prune import PrunePass
-from graphopt.runtime import Runner, SessionFactory, SessionSettings, time_interleaved
+from graphopt.runtime import Runner, SessionFactory, SessionSettings, interleaved_order, time_interleaved
 from graphopt.stats import model_stats
 from _common import cpu_name
 
@@ -85,8 +85,7 @@ def cpu_interleaved(sessions: list[ort.InferenceSession], feeds: dict[str, np.nd
         sess.run(None, feeds)
     samples: list[list[float]] = [[] for _ in sessions]
     for i in range(repeat):
-        order = range(len(sessions)) if i % 2 == 0 else reversed(range(len(sessions)))
-        for j in order:
+        for j in interleaved_order(len(sessions), i):
             t0 = time.thread_time()
             sessions[j].run(None, feeds)
             samples[j].append(time.thread_time() - t0)

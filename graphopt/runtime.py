@@ -212,11 +212,27 @@ class Timing:
         return cls(float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), len(samples))
 
 
+def interleaved_order(n: int, i: int) -> list[int]:
+    """Round ``i``'s order of ``n`` sessions, from a Williams design: over n rounds (2n when n is odd)
+    every session takes every position and directly follows every other session equally often."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo if len(first) % 2 else hi)
+        lo, hi = (lo + 1, hi) if len(first) % 2 == 0 else (lo, hi - 1)
+    r = i % (n if n % 2 == 0 else 2 * n)
+    order = [(x + r) % n for x in first]
+    return order[::-1] if r >= n else order
+
+
 def time_interleaved(runners: Sequence[Runner], inputs: Mapping[str, np.ndarray], *, warmup: int = 5,
                      repeat: int = 50, budget_s: float = 20.0) -> list[Timing]:
     """Time several sessions on the same inputs, alternating run by run so machine noise hits all alike.
 
-    Stops early (keeping at least 10 runs each) when ``budget_s`` is spent.
+    The order changes from round to round (:func:`interleaved_order`), so each session takes each position
+    and follows each other session equally often: with several intra-op thread pools on
+    few cores, the session that runs right after a long one is measurably faster or slower (10-20 % on a
+    2-core machine), which a fixed order would hand to one session. Stops early (keeping at least 10 runs
+    each) when ``budget_s`` is spent.
     """
     for r in runners:
         r.bind(inputs)
@@ -225,8 +241,7 @@ def time_interleaved(runners: Sequence[Runner], inputs: Mapping[str, np.ndarray]
     samples: list[list[float]] = [[] for _ in runners]
     start = time.perf_counter()
     for i in range(repeat):
-        order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
-        for j in order:
+        for j in interleaved_order(len(runners), i):
             samples[j].append(runners[j].run_bound())
         if i >= 9 and time.perf_counter() - start > budget_s:
             break

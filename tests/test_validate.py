@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -41,3 +43,21 @@ def test_sequential_validation_matches_interleaved(models_dir, monkeypatch):
     assert seq["latency"][0]["mode"] == "sequential" and normal["latency"][0]["mode"] == "interleaved"
     for key in ("samples", "max_abs_diff", "mean_cosine", "top1_agreement", "candidate_accuracy"):
         assert seq["agreement"][key] == pytest.approx(normal["agreement"][key]), key
+
+
+def test_interleaved_order_gives_every_session_every_position_and_predecessor():
+    """Latency comparisons rotate the run order: a session always run right after a long one is
+    measurably faster or slower with several thread pools on few cores."""
+    from graphopt.runtime import interleaved_order
+
+    for n in (1, 2, 3, 4, 5, 6):
+        period = n if n % 2 == 0 else 2 * n
+        rounds = [interleaved_order(n, i) for i in range(period)]
+        assert all(sorted(r) == list(range(n)) for r in rounds)
+        for s in range(n):  # every position, equally often
+            positions = collections.Counter(r.index(s) for r in rounds)
+            assert set(positions) == set(range(n)) and len(set(positions.values())) == 1
+        pairs = collections.Counter((a, b) for r in rounds for a, b in zip(r, r[1:]))
+        assert set(pairs) == {(a, b) for a in range(n) for b in range(n) if a != b}  # every predecessor
+        assert len(set(pairs.values())) <= 1  # equally often
+        assert interleaved_order(n, period) == rounds[0]
