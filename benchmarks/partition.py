@@ -119,6 +119,18 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.abs(x.astype(np.float64) - y).max()) for x, y in zip(a, b))
 
 
+def interleave(runners: list[tuple[str, Any, list[dict[str, np.ndarray]]]], rounds: int) -> dict[str, list[float]]:
+    """Stream seconds per runner and round, after a warm-up, in a Williams order (see interleaved_order)."""
+    for _, r, data in runners:
+        stream_seconds(r, data[:2])
+    times: dict[str, list[float]] = {label: [] for label, _, _ in runners}
+    for i in range(rounds):
+        for j in interleaved_order(len(runners), i):
+            label, r, data = runners[j]
+            times[label].append(stream_seconds(r, data))
+    return times
+
+
 def run_model(name: str, args: argparse.Namespace, work: Path, rows_out: dict[str, list[list[str]]]) -> None:
     file, rows = CASES[name]
     batches = load_rows(name, file, rows)
@@ -162,34 +174,34 @@ def run_model(name: str, args: argparse.Namespace, work: Path, rows_out: dict[st
             pipe = StagePipeline.from_dir(dirs[(cost, k)], micro_batch=args.micro_batch, session_factory=one_thread())
             pipes.append(pipe)
             runners.append((f"{cost} K={k}", pipe, batches))
+    times = interleave(runners, args.rounds)
+    for p in pipes:
+        p.close()
+    pipes = []
+
+    # Ray against the thread runner, in a second phase: an idle Ray instance (raylet, GCS, actors' polling
+    # threads) takes CPU from whatever else runs, so it must not be up while the runs above are timed.
     ray_mbs = [args.micro_batch, 2 * args.micro_batch, 4 * args.micro_batch]
     ray_pipes: list[StagePipeline] = []
+    ray_runners: list[tuple[str, Any, list[dict[str, np.ndarray]]]] = []
     if args.ray and 2 in args.stages:
         try:
             import ray
 
-            if not ray.is_initialized():  # room for both Ray pipelines' actors (logical CPUs; 2 real cores)
+            if not ray.is_initialized():  # room for the Ray pipelines' actors (logical CPUs; 2 real cores)
                 ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
             for mb in ray_mbs:
                 ray_pipe = StagePipeline.from_dir(dirs[(args.costs[-1], 2)], backend="ray", micro_batch=mb,
                                                   session_factory=one_thread())
                 ray_pipes.append(ray_pipe)
-                runners.append((f"ray K=2 mb={mb}", ray_pipe, batches))
-                if mb != args.micro_batch:
-                    thr = StagePipeline.from_dir(dirs[(args.costs[-1], 2)], micro_batch=mb,
-                                                 session_factory=one_thread())
-                    pipes.append(thr)
-                    runners.append((f"threads K=2 mb={mb}", thr, batches))
+                thr = StagePipeline.from_dir(dirs[(args.costs[-1], 2)], micro_batch=mb, session_factory=one_thread())
+                pipes.append(thr)
+                ray_runners += [(f"ray K=2 mb={mb}", ray_pipe, batches), (f"threads K=2 mb={mb}", thr, batches)]
             print(f"   ray K=2 max abs diff {max_diff(ref_clean, ray_pipes[0].run(sample)):.1e}", flush=True)
         except Exception as exc:  # report, do not hide
             print(f"   ray unavailable: {exc}", flush=True)
-    for _, r, data in runners:  # warm up
-        stream_seconds(r, data[:2])
-    times: dict[str, list[float]] = {label: [] for label, _, _ in runners}
-    for i in range(args.rounds):
-        for j in interleaved_order(len(runners), i):
-            label, r, data = runners[j]
-            times[label].append(stream_seconds(r, data))
+    if ray_runners:
+        times.update(interleave(ray_runners, args.rounds))
     whole, micro = times["single whole"], times["single micro"]
     best_single = [min(w, m) for w, m in zip(whole, micro)]  # the single session at its better batching
     for cost in args.costs:
@@ -204,7 +216,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path, rows_out: dict[st
     per_mb: list[tuple[list[float], list[float]]] = []
     for mb, ray_pipe in zip(ray_mbs, ray_pipes):
         t_ray = times[f"ray K=2 mb={mb}"]
-        t_thr = times[f"{args.costs[-1]} K=2" if mb == args.micro_batch else f"threads K=2 mb={mb}"]
+        t_thr = times[f"threads K=2 mb={mb}"]
         per_mb.append((t_thr, t_ray))
         ratios = [thr / ry for thr, ry in zip(t_thr, t_ray)]
         rows_out["ray"].append([name, "2", str(mb), f"{rows / statistics.median(t_thr):.1f}",
@@ -222,6 +234,10 @@ def run_model(name: str, args: argparse.Namespace, work: Path, rows_out: dict[st
         print("  ", rows_out["ray"][-1], flush=True)
     for p in pipes:
         p.close()
+    if ray_pipes:  # the next model's first phase runs without Ray again
+        import ray
+
+        ray.shutdown()
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -285,7 +301,8 @@ def main() -> None:
     ]
     if rows["ray"]:
         lines += ["", "Ray (a local instance with 8 logical CPUs on the 2 cores, one actor per stage, one ORT thread "
-                      "each) against the thread runner "
+                      "each) against the thread runner, timed in a second phase after the runs above (an idle Ray "
+                      "instance takes CPU from whatever else runs) "
                       "on the same stream and micro-batches (cost model `" + args.costs[-1] + "`): the ratio is Ray's "
                       "throughput / the threads' (1.00 = equal), median of per-round ratios. Every Ray call costs a few ms of CPU "
                       "(serialising the stage's tensors into the object store, the actor's RPC), which on 2 saturated "
