@@ -430,7 +430,8 @@ def main() -> None:
         say("")
     say("### calibration alone (each call in its own process)\n")
     say("graphopt: `graphopt.calibrate.collect` on the loaded, preprocessed model (streaming; batch chosen to keep "
-        "fetched activations under 32 MB); ORT: `create_calibrator` + `collect_data` + `compute_data` on the "
+        "the fetched activations alive at once under 32 MB: for the histogram methods ORT runs the next batch "
+        "while this one is binned, so a batch gets 16 MB); ORT: `create_calibrator` + `collect_data` + `compute_data` on the "
         "pre-processed model with all its quantizable op types, batches of 8 (this includes its model loading). "
         "Peak = VmHWM of the whole process (imports included: graphopt's imports alone take ~125 MB, "
         "onnxruntime.quantization's ~70 MB). Increments = highest RSS during the work (sampled every 2 ms) minus "
