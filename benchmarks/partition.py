@@ -186,10 +186,9 @@ def run_model(name: str, args: argparse.Namespace, work: Path, rows_out: dict[st
     ray_runners: list[tuple[str, Any, list[dict[str, np.ndarray]]]] = []
     if args.ray and 2 in args.stages:
         try:
-            import ray
+            from graphopt.stages import ensure_ray
 
-            if not ray.is_initialized():  # room for the Ray pipelines' actors (logical CPUs; 2 real cores)
-                ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+            ensure_ray(num_cpus=8)  # the local instance graphopt starts; room for the actors (2 real cores)
             for mb in ray_mbs:
                 ray_pipe = StagePipeline.from_dir(dirs[(args.costs[-1], 2)], backend="ray", micro_batch=mb,
                                                   session_factory=one_thread())
