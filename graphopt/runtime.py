@@ -215,6 +215,8 @@ class Timing:
 def interleaved_order(n: int, i: int) -> list[int]:
     """Round ``i``'s order of ``n`` sessions, from a Williams design: over n rounds (2n when n is odd)
     every session takes every position and directly follows every other session equally often."""
+    if n <= 0:
+        return []
     first, lo, hi = [0], 1, n - 1
     while len(first) < n:
         first.append(lo if len(first) % 2 else hi)

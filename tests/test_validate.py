@@ -61,3 +61,4 @@ def test_interleaved_order_gives_every_session_every_position_and_predecessor():
         assert set(pairs) == {(a, b) for a in range(n) for b in range(n) if a != b}  # every predecessor
         assert len(set(pairs.values())) <= 1  # equally often
         assert interleaved_order(n, period) == rounds[0]
+    assert interleaved_order(0, 3) == []
