@@ -304,7 +304,8 @@ def main() -> None:
                       "instance takes CPU from whatever else runs) "
                       "on the same stream and micro-batches (cost model `" + args.costs[-1] + "`): the ratio is Ray's "
                       "throughput / the threads' (1.00 = equal), median of per-round ratios. Every Ray call costs a few ms of CPU "
-                      "(serialising the stage's tensors into the object store, the actor's RPC), which on 2 saturated "
+                      "(serialising the stage's tensors, the actor's RPC; graphopt's local instance passes tensors up "
+                      "to 8 MiB inline rather than through the object store), which on 2 saturated "
                       "cores comes out of the stages' time: larger micro-batches amortise it. *best of each* takes, in "
                       "each round, each backend at its fastest micro-batch.", "",
                   *table(["model", "K", "micro-batch", "threads rows/s", "ray rows/s", "ray / threads", "range"],
