@@ -745,7 +745,15 @@ def ensure_ray(num_cpus: int | None = None) -> Any:
             # ~25 % of its time on a machine whose cores the stages fill (transformer_small, micro-batches
             # of 4 on 2 cores: Ray/threads 0.77 -> 0.87). Larger tensors still go through the store.
             kwargs["_system_config"] = {"max_direct_call_object_size": INLINE_OBJECT_BYTES}
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # a Ray that no longer knows the setting: start it without
+            if "_system_config" not in kwargs:
+                raise
+            logger.warning("Ray did not start with max_direct_call_object_size (%s); starting it without", exc)
+            ray.shutdown()
+            del kwargs["_system_config"]
+            ray.init(**kwargs)
         _STARTED_LOCAL_RAY = not os.environ.get("RAY_ADDRESS")
     return ray
 

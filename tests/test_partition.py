@@ -445,3 +445,34 @@ def test_ray_actors_request_a_gpu_per_cuda_stage(monkeypatch, models_dir, tmp_pa
     with pytest.raises(UserError, match="need 2 CPUs and 2 GPUs; Ray has 8 CPUs and 0 GPUs"):
         stages_mod._RayBackend(out, manifest, ["cuda:0", "cuda:1"], settings, queue_size=2, replicas=1)
     assert not made
+
+
+def test_local_ray_starts_without_the_inline_setting_when_refused(monkeypatch):
+    """ensure_ray asks a local Ray for inline transfers of stage outputs; a Ray that refuses the setting
+    is started without it (slower transfers, same results) instead of failing the pipeline."""
+    from graphopt import stages as stages_mod
+
+    calls: list[dict] = []
+
+    class FakeRay:
+        initialized = False
+
+        def is_initialized(self):
+            return self.initialized
+
+        def init(self, **kwargs):
+            calls.append(dict(kwargs))
+            if "_system_config" in kwargs:
+                raise RuntimeError("unknown config key")
+            self.initialized = True
+
+        def shutdown(self):
+            pass
+
+    fake = FakeRay()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(stages_mod, "_import_ray", lambda: fake)
+    monkeypatch.setattr(stages_mod, "_STARTED_LOCAL_RAY", False)
+    assert stages_mod.ensure_ray(num_cpus=2) is fake and fake.initialized
+    assert calls[0]["_system_config"] == {"max_direct_call_object_size": stages_mod.INLINE_OBJECT_BYTES}
+    assert "_system_config" not in calls[1] and calls[1]["num_cpus"] >= 2
