@@ -161,7 +161,7 @@ def worker(kind: str, model: str, method: str, out: str) -> dict:
 
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp, RssWatch() as watch:
-            cal = create_calibrator(Path(out).parent / f"{model.split('@')[0]}.pre.onnx",
+            cal = create_calibrator(Path(out).parent / f"{model_file(model).stem}.pre.onnx",
                                     list(set(QLinearOpsRegistry) | set(QDQRegistry)),
                                     augmented_model_path=str(Path(tmp) / "aug.onnx"),
                                     calibrate_method=getattr(CalibrationMethod, ORT_METHOD[method]))
@@ -185,13 +185,12 @@ def worker(kind: str, model: str, method: str, out: str) -> dict:
                 plan = make_plan(m, Selection(op_types=("Conv", "MatMul", "Gemm")), neighbours=True, fuse_relu=True)
                 prep = time.perf_counter() - t0
                 data = open_data(str(calib_file(model)))
-                batch = calibrate.auto_batch_size(m, plan.calibrated, 32,
-                                                  overlapped=method in calibrate.HISTOGRAM_METHODS)
+                histogram = method in calibrate.HISTOGRAM_METHODS
+                batch = calibrate.auto_batch_size(m, plan.calibrated, 32, histogram=histogram)
                 with RssWatch() as only:
                     t0 = time.perf_counter()
-                    calibrate.collect(m, plan.calibrated, data, SessionFactory(work_dir=wd),
-                                      histogram=method in calibrate.HISTOGRAM_METHODS, batch_size=batch, work_dir=wd,
-                                      bins=calibrate.default_bins(method))
+                    calibrate.collect(m, plan.calibrated, data, SessionFactory(work_dir=wd), histogram=histogram,
+                                      batch_size=batch, work_dir=wd, bins=calibrate.default_bins(method))
                     calib = time.perf_counter() - t0
         finally:
             shutil.rmtree(wd, ignore_errors=True)
@@ -300,10 +299,13 @@ def latency_rounds(paths: list[Path], model: str, batch: int, repeat: int, threa
     return per_round
 
 
-def latency(paths: list[Path], model: str, batch: int, repeat: int, threads: int = 0) -> list[float]:
+def medians(per_round: list[list[float]]) -> list[float]:
     """Median p50 per model over the rounds of :func:`latency_rounds`."""
-    per_round = latency_rounds(paths, model, batch, repeat, threads)
-    return [float(np.median([r[i] for r in per_round])) for i in range(len(paths))]
+    return [float(np.median([r[i] for r in per_round])) for i in range(len(per_round[0]))]
+
+
+def latency(paths: list[Path], model: str, batch: int, repeat: int, threads: int = 0) -> list[float]:
+    return medians(latency_rounds(paths, model, batch, repeat, threads))
 
 
 def ratio(per_round: list[list[float]], a: int, b: int) -> float:
@@ -417,7 +419,7 @@ def main() -> None:
                 for b in batches:
                     rounds = latency_rounds([src, produced[method]["ort"], produced[method]["graphopt"]], model, b,
                                             repeat, threads)
-                    f, o, g = (float(np.median([r[i] for r in rounds])) for i in range(3))
+                    f, o, g = medians(rounds)
                     of, gf, go = ratio(rounds, 1, 0), ratio(rounds, 2, 0), ratio(rounds, 2, 1)
                     tname = "default" if threads == 0 else str(threads)
                     say(f"| {method} | {tname} | {b} | {f:.3f} | {o:.3f} | {g:.3f} | {of:.3f} | {gf:.3f} "

@@ -423,10 +423,12 @@ BATCH_BUDGET_BYTES = 32 << 20
 
 
 def auto_batch_size(model: ir.Model, names: Sequence[str], limit: int, budget_bytes: int = BATCH_BUDGET_BYTES,
-                    overlapped: bool = False) -> int:
-    """The largest batch (up to ``limit``) whose activations of ``names`` stay within ``budget_bytes``;
-    half of it when ``overlapped`` (histogram calibration: one batch is binned while ORT runs the next)."""
-    if overlapped:
+                    histogram: bool = False) -> int:
+    """The largest batch (up to ``limit``) whose activations of ``names`` stay within ``budget_bytes``.
+
+    ``histogram`` is :func:`collect`'s flag: with it, one batch is binned while ORT runs the next, so two
+    batches are alive and each gets half the budget."""
+    if histogram:
         budget_bytes //= 2
     values = _values_by_name(model.graph)
     per_sample = _bytes_per_sample([values[n] for n in names if n in values])

@@ -217,10 +217,14 @@ def interleaved_order(n: int, i: int) -> list[int]:
     every session takes every position and directly follows every other session equally often."""
     if n <= 0:
         return []
-    first, lo, hi = [0], 1, n - 1
+    first, lo, hi = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...
     while len(first) < n:
-        first.append(lo if len(first) % 2 else hi)
-        lo, hi = (lo + 1, hi) if len(first) % 2 == 0 else (lo, hi - 1)
+        if len(first) % 2:
+            first.append(lo)
+            lo += 1
+        else:
+            first.append(hi)
+            hi -= 1
     r = i % (n if n % 2 == 0 else 2 * n)
     order = [(x + r) % n for x in first]
     return order[::-1] if r >= n else order

@@ -57,7 +57,7 @@ def calibrate_model(p: QuantPass, model: ir.Model, names: list[str]) -> calibrat
                         "inputs), or use quant.mode=dynamic / weight_only")
     sessions = ctx.sessions or SessionFactory(work_dir=ctx.work_dir)
     histogram = o.calibration in calibrate.HISTOGRAM_METHODS
-    batch = o.calib_batch_size or calibrate.auto_batch_size(model, names, ctx.batch_size, overlapped=histogram)
+    batch = o.calib_batch_size or calibrate.auto_batch_size(model, names, ctx.batch_size, histogram=histogram)
     return calibrate.collect(model, names, ctx.data, sessions, histogram=histogram,
                              bins=o.bins or calibrate.default_bins(o.calibration), batch_size=batch,
                              max_batches=o.calib_batches,
