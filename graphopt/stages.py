@@ -487,8 +487,13 @@ class StageSession:
 def _stage_settings(base: Any, provider: str, device_id: int | None, cpu_stages: int) -> Any:
     """Per-stage session settings: the device id for the provider, and no CPU oversubscription."""
     settings = dataclasses.replace(base, provider_options={k: dict(v) for k, v in base.provider_options.items()})
-    if device_id is not None:
-        settings.provider_options.setdefault(provider, {})["device_id"] = str(device_id)
+    options = settings.provider_options.setdefault(provider, {})
+    # device 0 is the provider's default: left unsaid unless the caller's options name another (onnxruntime
+    # 1.31 warns on every session that names a device_id)
+    if device_id is not None and (device_id != 0 or "device_id" in options):
+        options["device_id"] = str(device_id)
+    if not options:
+        del settings.provider_options[provider]
     if provider == "CPUExecutionProvider" and settings.intra_op_threads == 0 and cpu_stages > 1:
         settings.intra_op_threads = max(1, (os.cpu_count() or 1) // cpu_stages)
     return settings

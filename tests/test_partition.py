@@ -364,6 +364,11 @@ def test_device_parsing_and_per_stage_provider_options():
     st = _stage_settings(base, "CUDAExecutionProvider", 1, cpu_stages=1)
     assert st.provider_options["CUDAExecutionProvider"] == {"arena_extend_strategy": "kSameAsRequested", "device_id": "1"}
     assert "device_id" not in base.provider_options["CUDAExecutionProvider"]  # the caller's settings are not changed
+    # device 0 is the default and is left out, unless the caller's options named another device
+    assert _stage_settings(SessionSettings(), "CUDAExecutionProvider", 0, cpu_stages=1).provider_options == {}
+    assert _stage_settings(base, "CUDAExecutionProvider", 0, cpu_stages=1).provider_options == base.provider_options
+    other = SessionSettings(provider_options={"CUDAExecutionProvider": {"device_id": "1"}})
+    assert _stage_settings(other, "CUDAExecutionProvider", 0, 1).provider_options["CUDAExecutionProvider"]["device_id"] == "0"
     # CPU stages split the cores between them instead of each taking all
     assert _stage_settings(SessionSettings(), "CPUExecutionProvider", None, cpu_stages=2).intra_op_threads >= 1
 
