@@ -190,7 +190,7 @@ def worker(kind: str, model: str, method: str, out: str) -> dict:
                 with RssWatch() as only:
                     t0 = time.perf_counter()
                     calibrate.collect(m, plan.calibrated, data, SessionFactory(work_dir=wd), histogram=histogram,
-                                      batch_size=batch, work_dir=wd, bins=calibrate.default_bins(method))
+                                      batch_size=batch, bins=calibrate.default_bins(method))
                     calib = time.perf_counter() - t0
         finally:
             shutil.rmtree(wd, ignore_errors=True)

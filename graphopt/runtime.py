@@ -111,30 +111,67 @@ class SessionFactory:
         self.work_dir = work_dir
 
     def session(self, model: ir.Model | str | os.PathLike, provider: str = "CPUExecutionProvider",
-                settings: SessionSettings | None = None) -> ort.InferenceSession:
+                settings: SessionSettings | None = None, *, share_weights: bool = False) -> ort.InferenceSession:
+        """``share_weights`` (in-memory models): ORT reads the model's own weight arrays instead of a copy
+        serialized or written to a file. It saves the write and keeps memory flat when ORT uses the weights
+        as they are (``extended`` optimization and below); with layout changes (``all``: NCHWc) ORT makes
+        its own copies, and a file it maps is cheaper."""
         settings = settings or self.settings
         providers: list[Any] = [(provider, settings.provider_options.get(provider, {}))]
         if provider != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")  # ORT's normal per-node placement for unsupported ops
-        if isinstance(model, ir.Model):
+        so = settings.session_options()
+        keep: list[ort.OrtValue] = []
+        if isinstance(model, ir.Model) and share_weights:
+            source: Any = _serialize_sharing_weights(model, so, keep)
+        elif isinstance(model, ir.Model):
             if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD // 2:
                 if self.work_dir is None:
                     raise ValueError("a work_dir is needed to run large in-memory models")
                 path = self.work_dir / f"session-{id(model)}.onnx"
                 save_model(model, path, external_data=True)
-                source: Any = str(path)
+                source = str(path)
             else:
                 source = model_to_bytes(model)
         else:
             source = str(model)
         try:
-            sess = ort.InferenceSession(source, settings.session_options(), providers=providers)
+            sess = ort.InferenceSession(source, so, providers=providers)
         except Exception as exc:
             raise UserError(f"onnxruntime cannot load the model on {short_name(provider)}: "
                             f"{str(exc).splitlines()[0]}") from None
+        if keep:
+            sess._graphopt_weights = keep  # type: ignore[attr-defined]  # ORT reads them for the session's life
         if sess.get_providers()[0] != provider:
             raise UserError(f"onnxruntime did not enable {provider} (got {sess.get_providers()})")
         return sess
+
+
+def _serialize_sharing_weights(model: ir.Model, so: ort.SessionOptions, keep: list[ort.OrtValue],
+                               min_bytes: int = 1024) -> bytes:
+    """The model serialized without the data of its initializers of ``min_bytes`` or more, which are handed
+    to ORT as OrtValues over the model's own arrays (``add_external_initializers``; appended to ``keep``,
+    which must outlive the session). The model is left as it was."""
+    names: list[str] = []
+    swapped: dict[str, ir.TensorProtocol] = {}
+    try:
+        for name, value in model.graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < min_bytes:
+                continue
+            keep.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy())))
+            names.append(name)
+            swapped[name] = tensor
+            # a stand-in that serializes as an external-data reference: ORT takes the OrtValue instead
+            value.const_value = ir.ExternalTensor("graphopt-in-memory", offset=0, length=tensor.nbytes,
+                                                  dtype=tensor.dtype, shape=tensor.shape, name=name)
+        proto = model_to_bytes(model)
+    finally:
+        for name, tensor in swapped.items():
+            model.graph.initializers[name].const_value = tensor
+    if names:
+        so.add_external_initializers(names, keep[-len(names):])
+    return proto
 
 
 _FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}

@@ -61,7 +61,7 @@ def calibrate_model(p: QuantPass, model: ir.Model, names: list[str]) -> calibrat
     return calibrate.collect(model, names, ctx.data, sessions, histogram=histogram,
                              bins=o.bins or calibrate.default_bins(o.calibration), batch_size=batch,
                              max_batches=o.calib_batches,
-                             provider=ctx.providers[0], work_dir=ctx.work_dir, progress=ctx.progress)
+                             provider=ctx.providers[0], progress=ctx.progress)
 
 
 def build_plan(p: QuantPass, model: ir.Model, keep_float: frozenset[str] = frozenset()) -> Plan:

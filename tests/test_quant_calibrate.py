@@ -213,7 +213,7 @@ def test_collect_streams_like_one_shot(tmp_path, histogram: bool) -> None:
     names = ["x", "conv", "relu"]
     sessions = SessionFactory(work_dir=tmp_path)
     small = calibrate.collect(model, names, ArraySource({"x": x}), sessions, histogram=histogram, bins=256,
-                              batch_size=3, work_dir=tmp_path)
+                              batch_size=3)
     whole = calibrate.collect(model, names, ArraySource({"x": x}), sessions, histogram=histogram, bins=256,
                               batch_size=40)
     assert small.batches == 14 and whole.batches == 1 and small.samples == whole.samples == 40
@@ -287,3 +287,25 @@ def test_prefetch_bounds_items_and_passes_errors() -> None:
     runs.close()
     assert len(made) <= 3
     assert not [t for t in threading.enumerate() if t.name == "graphopt-calibration"]
+
+
+def test_session_sharing_the_models_weights_equals_a_serialized_one(models_dir) -> None:
+    """What calibration runs on: ORT reads the model's own weight arrays (no copy, no file); the outputs
+    are those of a session on the serialized model, the model is left as it was, and the session keeps
+    the arrays alive after the caller drops them."""
+    import gc
+
+    from graphopt.model_io import load_model
+    from graphopt.runtime import SessionSettings
+
+    model = load_model(models_dir / "digits_cnn.onnx")
+    before = {name: v.const_value for name, v in model.graph.initializers.items()}
+    assert sum(t.nbytes >= 1024 for t in before.values()) >= 4  # the conv and gemm weights are shared
+    x = np.load(models_dir / "digits_cnn_test.npz")["input"][:16]
+    settings = SessionSettings(graph_optimization_level="extended")
+    ref = SessionFactory().session(model, settings=settings).run(None, {"input": x})[0]
+    shared = SessionFactory().session(model, settings=settings, share_weights=True)
+    assert all(v.const_value is before[name] for name, v in model.graph.initializers.items())
+    del model, before
+    gc.collect()
+    np.testing.assert_array_equal(shared.run(None, {"input": x})[0], ref)
