@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ORDER = ["quant", "prune", "distill", "partition", "lowrank", "fp16", "big_model", "tune"]
+ORDER = ["quant", "prune", "distill", "partition", "partition_gpu", "lowrank", "fp16", "big_model", "tune"]
 
 
 def main() -> None:
