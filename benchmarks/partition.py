@@ -11,7 +11,7 @@ with one ORT thread per stage:
 - stitched outputs against the unpartitioned model (max abs diff);
 - with Ray installed, the same stream through one Ray actor per stage against the thread runner.
 
-    .venv/bin/python benchmarks/partition.py [--rounds 5] [--micro-batch 4] [--no-ray]
+    .venv/bin/python benchmarks/partition.py [--rounds 5] [--micro-batch 8] [--no-ray]
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from _common import cpu_name
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models" / "build"
 CASES = {  # model: (data file, rows streamed per throughput run)
-    "resnet_small": ("resnet_small_calib.npz", 128),
-    "transformer_small": ("transformer_small_calib.npz", 384),
+    "resnet_small": ("resnet_small_calib.npz", 256),
+    "transformer_small": ("transformer_small_calib.npz", 768),
 }
 BATCH = 32
 
@@ -247,7 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(CASES))
     parser.add_argument("--stages", default="2,3,4")
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--costs", default="static,profile",
                         help="cost models whose stage directories are timed for throughput")
