@@ -289,7 +289,7 @@ def test_prefetch_bounds_items_and_passes_errors() -> None:
     assert not [t for t in threading.enumerate() if t.name == "graphopt-calibration"]
 
 
-def test_session_sharing_the_models_weights_equals_a_serialized_one(models_dir) -> None:
+def test_session_sharing_the_models_weights_equals_a_serialized_one(models_dir, tmp_path) -> None:
     """What calibration runs on: ORT reads the model's own weight arrays (no copy, no file); the outputs
     are those of a session on the serialized model, the model is left as it was, and the session keeps
     the arrays alive after the caller drops them."""
@@ -309,3 +309,11 @@ def test_session_sharing_the_models_weights_equals_a_serialized_one(models_dir) 
     del model, before
     gc.collect()
     np.testing.assert_array_equal(shared.run(None, {"input": x})[0], ref)
+    # weights memory-mapped from an external-data file are shared the same way
+    from graphopt.model_io import save_model
+
+    save_model(load_model(models_dir / "digits_cnn.onnx"), tmp_path / "m.onnx", external_data=True)
+    mapped = load_model(tmp_path / "m.onnx")
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in mapped.graph.initializers.values())
+    got = SessionFactory().session(mapped, settings=settings, share_weights=True).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(got, ref)
