@@ -122,3 +122,23 @@ def test_run_validates_and_times_on_cuda(cli, models_dir, tmp_path):
     latency = json.loads(report.read_text())["validation"]["latency"]
     assert sorted((row["provider"], row["batch"]) for row in latency) == [("cpu", 1), ("cpu", 64), ("cuda", 1), ("cuda", 64)]
     assert all(row["candidate_ms"]["p50_ms"] > 0 and row["ratio"] > 0 for row in latency)
+
+
+def test_ray_actor_holds_the_gpu_for_a_cuda_stage(models_dir, tmp_path):
+    """--backend ray with devices cuda:0,cpu: the CUDA stage's actor asks Ray for one GPU (Ray hands it over
+    through CUDA_VISIBLE_DEVICES) and runs its stage there; outputs as one CUDA session's."""
+    ray = pytest.importorskip("ray")
+    from graphopt.stages import ensure_ray
+
+    out, _ = make_dir(models_dir / "transformer_small.onnx", tmp_path / "p", stages=2)
+    inputs = inputs_for(models_dir, "transformer_small", 16)
+    ref = cuda_outputs(models_dir / "transformer_small.onnx", inputs)
+    ensure_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    assert gpus >= 1, ray.cluster_resources()
+    with StagePipeline.from_dir(out, devices="cuda:0,cpu", backend="ray", micro_batch=4,
+                                session_factory=NO_TF32) as pipe:
+        assert ray.available_resources().get("GPU", 0) == gpus - 1  # the CUDA stage's actor holds one
+        close_enough(ref, pipe.run(inputs), tol=1e-5)
+        assert [s["items"] for s in pipe.stage_stats()] == [4, 4]
+    ray.shutdown()

@@ -4,6 +4,7 @@ reaches the caller without hanging and its actors are released, and replicas ser
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 import pytest
 
@@ -23,7 +24,11 @@ def local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ensure_ray(num_cpus=4)  # the local instance graphopt starts itself: 4 logical CPUs here
+    # the local instance graphopt starts itself, with 4 logical CPUs whatever this machine has (graphopt
+    # asks for max(cores, num_cpus); the tests below count on 4, also on a 16-core machine)
+    with mock.patch("os.cpu_count", return_value=1):
+        ensure_ray(num_cpus=4)
+    assert ray.cluster_resources().get("CPU") == 4
     yield ray
     ray.shutdown()
 
