@@ -121,9 +121,10 @@ class SessionFactory:
         if provider != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")  # ORT's normal per-node placement for unsupported ops
         so = settings.session_options()
-        keep: list[ort.OrtValue] = []
+        shared: list[ort.OrtValue] = []
+        source: Any
         if isinstance(model, ir.Model) and share_weights:
-            source: Any = _serialize_sharing_weights(model, so, keep)
+            source, shared = _serialize_sharing_weights(model, so)
         elif isinstance(model, ir.Model):
             if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD // 2:
                 if self.work_dir is None:
@@ -140,26 +141,27 @@ class SessionFactory:
         except Exception as exc:
             raise UserError(f"onnxruntime cannot load the model on {short_name(provider)}: "
                             f"{str(exc).splitlines()[0]}") from None
-        if keep:
-            sess._graphopt_weights = keep  # type: ignore[attr-defined]  # ORT reads them for the session's life
+        if shared:
+            sess._graphopt_weights = shared  # type: ignore[attr-defined]  # ORT reads them for the session's life
         if sess.get_providers()[0] != provider:
             raise UserError(f"onnxruntime did not enable {provider} (got {sess.get_providers()})")
         return sess
 
 
-def _serialize_sharing_weights(model: ir.Model, so: ort.SessionOptions, keep: list[ort.OrtValue],
-                               min_bytes: int = 1024) -> bytes:
+def _serialize_sharing_weights(model: ir.Model, so: ort.SessionOptions,
+                               min_bytes: int = 1024) -> tuple[bytes, list[ort.OrtValue]]:
     """The model serialized without the data of its initializers of ``min_bytes`` or more, which are handed
-    to ORT as OrtValues over the model's own arrays (``add_external_initializers``; appended to ``keep``,
-    which must outlive the session). The model is left as it was."""
+    to ORT (``add_external_initializers`` on ``so``) as OrtValues over the model's own arrays; returns the
+    bytes and those OrtValues, which must outlive the session. The model is left as it was."""
     names: list[str] = []
+    values: list[ort.OrtValue] = []
     swapped: dict[str, ir.TensorProtocol] = {}
     try:
         for name, value in model.graph.initializers.items():
             tensor = value.const_value
             if tensor is None or tensor.nbytes < min_bytes:
                 continue
-            keep.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy())))
+            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy())))
             names.append(name)
             swapped[name] = tensor
             # a stand-in that serializes as an external-data reference: ORT takes the OrtValue instead
@@ -170,8 +172,8 @@ def _serialize_sharing_weights(model: ir.Model, so: ort.SessionOptions, keep: li
         for name, tensor in swapped.items():
             model.graph.initializers[name].const_value = tensor
     if names:
-        so.add_external_initializers(names, keep[-len(names):])
-    return proto
+        so.add_external_initializers(names, values)
+    return proto, values
 
 
 _FLOAT_TYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
